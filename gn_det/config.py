@@ -1,0 +1,84 @@
+"""Config keys gn-det adds to detectron2's defaults.
+
+Call ``add_gn_config(cfg)`` on a ``detectron2.config.get_cfg()`` before merging a gn-det YAML; ``get_gn_cfg``
+does both and checks the result. Symbols in the comments are those of Wu & He, "Group Normalization",
+ECCV 2018 (Eq. 1-7 and Sec. 3-5).
+"""
+from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+
+# Every config key that names the normalization of one norm site ("norm site" = a layer built by
+# detectron2 that accepts ``norm=``). gn-det's builders resolve these names through one factory
+# (gn_det.layers.norm.norm_factory), so "GN" everywhere honours MODEL.GN.*.
+NORM_SITE_KEYS = (
+    "MODEL.RESNETS.NORM",
+    "MODEL.FPN.NORM",
+    "MODEL.RPN.NORM",
+    "MODEL.ROI_BOX_HEAD.NORM",
+    "MODEL.ROI_MASK_HEAD.NORM",
+    "MODEL.RETINANET.NORM",
+)
+
+
+def add_gn_config(cfg):
+    """Add gn-det's keys (with their defaults) to a detectron2 config, in place."""
+    cfg.MODEL.GN = CN()
+    # G, the number of groups the C channels are split into (Sec. 3.1, Eq. 7: S_i = {k | floor(k_C/(C/G))
+    # = floor(i_C/(C/G))}). The paper's default is G = 32; G = 1 is Layer Norm and G = C is Instance Norm
+    # (Sec. 3.1, Fig. 2). Ablation: Table 3 (top). Used when DIM_PER_GROUP <= 0.
+    cfg.MODEL.GN.NUM_GROUPS = 32
+    # C/G, a fixed number of channels per group, so G varies with the layer's width (Table 3, bottom:
+    # 16 channels per group is the paper's best). -1 turns it off; any value > 0 takes precedence over
+    # NUM_GROUPS, so exactly one of the two settings is active.
+    cfg.MODEL.GN.DIM_PER_GROUP = -1
+    # epsilon in sigma_i = sqrt(1/m sum (x_k - mu_i)^2 + epsilon) (Eq. 2); 1e-5 as in the paper's code.
+    cfg.MODEL.GN.EPS = 1e-5
+    # Weight Standardization (Qiao et al., 2019) on every conv that carries a norm: the conv's weight is
+    # standardised per output channel (zero mean, unit variance over its fan-in) before it is applied.
+    # GN+WS is the best-known follow-up to GN; parameter names are unchanged, so checkpoints move freely
+    # between GN and GN+WS models.
+    cfg.MODEL.GN.WS = False
+    # Norm of the RPN's shared 3x3 conv. The paper's RPN has none (""), as detectron2's; any norm name of
+    # gn_det.layers.norm.NORM_NAMES is accepted when the RPN head is "GNRPNHead".
+    cfg.MODEL.RPN.NORM = ""
+
+
+def get_gn_cfg(config_file=None, opts=()):
+    """A detectron2 config with gn-det's keys, merged from ``config_file`` and ``opts`` and checked.
+
+    Unknown keys fail here, at config load, with detectron2's error naming the key.
+    """
+    cfg = get_cfg()
+    add_gn_config(cfg)
+    if config_file:
+        cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    check_gn_config(cfg, source=config_file or "config")
+    return cfg
+
+
+def check_gn_config(cfg, source="config"):
+    """Raise a one-line ValueError naming the key and value of the first invalid gn-det setting."""
+    from gn_det.layers.norm import NORM_NAMES  # late import: layers import torch, config need not
+
+    gn = cfg.MODEL.GN
+    if gn.DIM_PER_GROUP <= 0 and gn.NUM_GROUPS < 1:
+        raise ValueError(f"{source}: MODEL.GN.NUM_GROUPS={gn.NUM_GROUPS} must be >= 1 (or set DIM_PER_GROUP)")
+    if gn.DIM_PER_GROUP == 0 or gn.DIM_PER_GROUP < -1:
+        raise ValueError(f"{source}: MODEL.GN.DIM_PER_GROUP={gn.DIM_PER_GROUP} must be -1 (off) or >= 1")
+    if not gn.EPS > 0:
+        raise ValueError(f"{source}: MODEL.GN.EPS={gn.EPS} must be > 0")
+    for key in NORM_SITE_KEYS:
+        value = select(cfg, key)
+        if isinstance(value, str) and value not in NORM_NAMES:
+            raise ValueError(
+                f"{source}: {key}={value!r} is not a norm; choose one of {', '.join(map(repr, NORM_NAMES))}"
+            )
+
+
+def select(cfg, dotted_key):
+    """The value at a dotted key such as "MODEL.GN.NUM_GROUPS"."""
+    node = cfg
+    for part in dotted_key.split("."):
+        node = node[part]
+    return node

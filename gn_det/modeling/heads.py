@@ -1,0 +1,109 @@
+"""Registered heads whose convs take the configured norm.
+
+Each is a thin subclass of the detectron2 head it names: ``from_config`` hands the parent a config whose norm
+keys hold gn-det factories, and the built head is checked (and turned into GN+WS when ``MODEL.GN.WS``) the
+same way as the backbones. Parameter names are the parent's.
+"""
+from torch import nn
+
+from detectron2.config import configurable
+from detectron2.layers import Conv2d, get_norm
+from detectron2.modeling import META_ARCH_REGISTRY, RPN_HEAD_REGISTRY
+from detectron2.modeling.meta_arch.retinanet import RetinaNet
+from detectron2.modeling.proposal_generator.rpn import StandardRPNHead
+from detectron2.modeling.roi_heads import ROI_BOX_HEAD_REGISTRY, ROI_HEADS_REGISTRY, ROI_MASK_HEAD_REGISTRY
+from detectron2.modeling.roi_heads.box_head import FastRCNNConvFCHead
+from detectron2.modeling.roi_heads.mask_head import MaskRCNNConvUpsampleHead
+from detectron2.modeling.roi_heads.roi_heads import Res5ROIHeads
+
+from .norm_sites import finish_norm_sites, with_norm_factories
+
+
+class _ConfiguredNormHead:
+    """Mixin: the parent head is built from a config with norm factories, then finished like a backbone.
+
+    ``site`` is the head's path inside a GeneralizedRCNN, used in error messages.
+    """
+
+    site = ""
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(with_norm_factories(cfg), input_shape)
+        ret["gn_cfg"] = cfg
+        return ret
+
+    @configurable
+    def __init__(self, *, gn_cfg, **kwargs):
+        super().__init__(**kwargs)
+        finish_norm_sites(self, gn_cfg, self.site)
+
+
+@ROI_BOX_HEAD_REGISTRY.register()
+class GNConvFCHead(_ConfiguredNormHead, FastRCNNConvFCHead):
+    """detectron2's conv+fc box head (the paper's 4conv1fc with NUM_CONV 4, NUM_FC 1), norm from
+    ``MODEL.ROI_BOX_HEAD.NORM``. The paper found BN here costs ~9 AP (RoIs of one image are not i.i.d.);
+    GN has no such problem (Sec. 6.1)."""
+
+    site = "roi_heads.box_head"
+
+
+@ROI_MASK_HEAD_REGISTRY.register()
+class GNMaskHead(_ConfiguredNormHead, MaskRCNNConvUpsampleHead):
+    """detectron2's 4-conv + deconv mask head, norm from ``MODEL.ROI_MASK_HEAD.NORM``."""
+
+    site = "roi_heads.mask_head"
+
+
+@ROI_HEADS_REGISTRY.register()
+class GNRes5ROIHeads(Res5ROIHeads):
+    """C4 ROI heads: the res5 stage that runs on each RoI takes ``MODEL.RESNETS.NORM`` from gn-det's factory
+    (detectron2's own would build a fixed 32-group ``nn.GroupNorm``)."""
+
+    @classmethod
+    def _build_res5_block(cls, cfg):
+        res5, out_channels = super()._build_res5_block(with_norm_factories(cfg))
+        return finish_norm_sites(res5, cfg, "roi_heads.res5"), out_channels
+
+
+@RPN_HEAD_REGISTRY.register()
+class GNRPNHead(StandardRPNHead):
+    """detectron2's RPN head with an optional norm (``MODEL.RPN.NORM``) after each 3x3 conv.
+
+    The paper's RPN has no norm; this is for experiments. The conv keeps its bias so that detectron2's
+    initialisation (zero bias on every conv) applies unchanged.
+    """
+
+    @configurable
+    def __init__(self, *, conv_norm="", gn_cfg=None, **kwargs):
+        self._conv_norm = conv_norm  # read by _get_rpn_conv, which the parent's __init__ calls
+        super().__init__(**kwargs)
+        if gn_cfg is not None:
+            finish_norm_sites(self, gn_cfg, "proposal_generator.rpn_head")
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        ret["conv_norm"] = with_norm_factories(cfg).MODEL.RPN.NORM
+        ret["gn_cfg"] = cfg
+        return ret
+
+    def _get_rpn_conv(self, in_channels, out_channels):
+        return Conv2d(
+            in_channels, out_channels, kernel_size=3, stride=1, padding=1,
+            norm=get_norm(self._conv_norm, out_channels), activation=nn.ReLU(),
+        )
+
+
+@META_ARCH_REGISTRY.register()
+class GNRetinaNet(RetinaNet):
+    """detectron2's RetinaNet whose head convs take ``MODEL.RETINANET.NORM`` from gn-det's factory."""
+
+    @classmethod
+    def from_config(cls, cfg):
+        ret = super().from_config(with_norm_factories(cfg))
+        finish_norm_sites(ret["head"], cfg, "head")
+        return ret
+
+
+

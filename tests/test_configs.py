@@ -1,0 +1,122 @@
+"""Every config file loads and builds; the norm at each site is what the config says; group settings."""
+import glob
+import os
+
+import pytest
+
+pytest.importorskip("detectron2")
+
+import torch  # noqa: E402
+from detectron2.layers import Conv2d, FrozenBatchNorm2d  # noqa: E402
+from detectron2.model_zoo import get_config_file  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+
+from conftest import BNSTAR_FPN, CONFIG_DIR, GN_FPN  # noqa: E402
+from gn_det.config import get_gn_cfg  # noqa: E402
+
+ALL_CONFIGS = sorted(glob.glob(os.path.join(CONFIG_DIR, "**", "*.yaml"), recursive=True))
+
+
+def build(path, *opts):
+    cfg = get_gn_cfg(path, ["MODEL.DEVICE", "cpu", *opts])
+    return build_model(cfg)
+
+
+@pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: os.path.relpath(p, CONFIG_DIR))
+def test_config_loads_and_builds(path):
+    model = build(path)
+    assert sum(p.numel() for p in model.parameters()) > 1_000_000
+
+
+@pytest.mark.parametrize("name", ["Base-RCNN-FPN.yaml", "Base-RCNN-C4.yaml"])
+def test_base_configs_mirror_detectron2(name):
+    import yaml
+
+    with open(os.path.join(CONFIG_DIR, name)) as ours, open(get_config_file(name)) as theirs:
+        assert yaml.safe_load(ours) == yaml.safe_load(theirs)
+
+
+def norm_convs(model):
+    """(path, Conv2d) for every detectron2 conv that can carry a norm, backbone and heads."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, Conv2d)]
+
+
+def test_gn_config_puts_groupnorm_at_every_site():
+    model = build(GN_FPN)
+    convs = dict(norm_convs(model))
+    bottom_up = [n for n in convs if n.startswith("backbone.bottom_up.")]
+    assert "backbone.bottom_up.stem.conv1" in bottom_up
+    assert any(n.endswith(".shortcut") for n in bottom_up)
+    fpn = [n for n in convs if n.startswith("backbone.fpn_")]
+    box = [n for n in convs if n.startswith("roi_heads.box_head.")]
+    mask = [n for n in convs if n.startswith("roi_heads.mask_head.mask_fcn")]
+    assert len(fpn) == 8 and len(box) == 4 and len(mask) == 4
+    for name in bottom_up + fpn + box + mask:
+        assert isinstance(convs[name].norm, torch.nn.GroupNorm), name
+        assert convs[name].norm.num_groups == 32, name
+        assert convs[name].bias is None, name  # GN's beta replaces the bias
+    assert len(bottom_up) == 1 + 3 * 16 + 4  # stem, 3 convs in each of 16 blocks, 4 shortcuts
+
+
+def test_bnstar_config_freezes_backbone_bn_and_has_no_head_norm():
+    model = build(BNSTAR_FPN)
+    for name, conv in norm_convs(model):
+        if name.startswith("backbone.bottom_up."):
+            assert isinstance(conv.norm, FrozenBatchNorm2d), name
+        else:
+            assert conv.norm is None, name
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
+
+
+def write_user_yaml(tmp_path, body):
+    path = tmp_path / "user.yaml"
+    path.write_text(f'_BASE_: "{GN_FPN}"\nMODEL:\n  GN:\n{body}\n')
+    return str(path)
+
+
+def group_norms(model):
+    return [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+
+
+def test_user_yaml_sets_num_groups(tmp_path):
+    model = build(write_user_yaml(tmp_path, "    NUM_GROUPS: 16"))
+    norms = group_norms(model)
+    assert len(norms) == 69 and all(m.num_groups == 16 for m in norms)
+
+
+def test_user_yaml_sets_dim_per_group(tmp_path):
+    model = build(write_user_yaml(tmp_path, "    DIM_PER_GROUP: 16"))
+    norms = group_norms(model)
+    assert len(norms) == 69
+    assert all(m.num_groups == m.num_channels // 16 for m in norms)
+    assert {m.num_groups for m in norms} >= {4, 8, 16, 32, 64, 128}
+
+
+def test_unsplittable_channels_name_the_layer():
+    with pytest.raises(ValueError, match=r"^backbone.fpn_lateral2.norm: 256 channels cannot be split "
+                                         r"into groups by MODEL.GN.NUM_GROUPS=48$"):
+        build(GN_FPN, "MODEL.GN.NUM_GROUPS", "48")
+    with pytest.raises(ValueError, match=r"^roi_heads.box_head.conv1.norm: 256 channels .*MODEL.GN.DIM_PER_GROUP=512$"):
+        build(GN_FPN, "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
+              "MODEL.FPN.NORM", "", "MODEL.GN.DIM_PER_GROUP", "512", "MODEL.RESNETS.NORM", "FrozenBN")
+
+
+def test_bad_norm_name_fails_at_config_load(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(f'_BASE_: "{GN_FPN}"\nMODEL:\n  FPN:\n    NORM: "gn"\n')
+    with pytest.raises(ValueError, match=r"bad.yaml: MODEL.FPN.NORM='gn' is not a norm"):
+        get_gn_cfg(str(path))
+
+
+def test_unknown_key_fails_at_config_load(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text(f'_BASE_: "{GN_FPN}"\nMODEL:\n  GN:\n    NUM_GROUP: 16\n')
+    with pytest.raises(KeyError, match="NUM_GROUP"):
+        get_gn_cfg(str(path))
+
+
+@pytest.mark.parametrize("key,value", [("MODEL.GN.NUM_GROUPS", "0"), ("MODEL.GN.DIM_PER_GROUP", "0"),
+                                       ("MODEL.GN.EPS", "0.0")])
+def test_bad_group_values_name_the_key(key, value):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.") + "=" + value):
+        get_gn_cfg(GN_FPN, [key, value])

@@ -1,0 +1,46 @@
+"""GN+WS: the standardised weight's statistics, and WS models from every GN config."""
+import glob
+import os
+
+import pytest
+
+pytest.importorskip("detectron2")
+
+import torch  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+
+from conftest import CONFIG_DIR, GN_FPN, TINY_OPTS  # noqa: E402
+from gn_det.config import NORM_SITE_KEYS, get_gn_cfg, select  # noqa: E402
+from gn_det.layers import WSConv2d, standardize_weight  # noqa: E402
+
+GN_CONFIGS = sorted(
+    p for p in glob.glob(os.path.join(CONFIG_DIR, "**", "*.yaml"), recursive=True)
+    if any(select(get_gn_cfg(p), key) == "GN" for key in NORM_SITE_KEYS)
+)
+
+
+def test_standardized_weight_has_zero_mean_unit_variance_per_output_channel():
+    weight = torch.randn(16, 8, 3, 3) * 5 + 2
+    w = standardize_weight(weight).flatten(1)
+    torch.testing.assert_close(w.mean(1), torch.zeros(16), atol=1e-5, rtol=0)
+    torch.testing.assert_close(w.var(1, unbiased=False), torch.ones(16), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("path", GN_CONFIGS, ids=lambda p: os.path.relpath(p, CONFIG_DIR))
+def test_ws_model_builds_from_every_gn_config(path):
+    model = build_model(get_gn_cfg(path, ["MODEL.DEVICE", "cpu", "MODEL.GN.WS", "True"]))
+    ws = [m for m in model.modules() if isinstance(m, WSConv2d)]
+    assert ws and all(m.norm is not None for m in ws)
+
+
+def test_ws_keeps_parameter_names_and_changes_outputs():
+    plain = build_model(get_gn_cfg(GN_FPN, TINY_OPTS))
+    ws = build_model(get_gn_cfg(GN_FPN, TINY_OPTS + ["MODEL.GN.WS", "True"]))
+    assert list(plain.state_dict()) == list(ws.state_dict())
+    ws.load_state_dict(plain.state_dict())
+    x = torch.rand(1, 3, 64, 64)
+    conv = plain.backbone.bottom_up.stem.conv1
+    ws_conv = ws.backbone.bottom_up.stem.conv1
+    assert isinstance(ws_conv, WSConv2d) and not isinstance(conv, WSConv2d)
+    expected = torch.nn.functional.conv2d(x, standardize_weight(conv.weight), None, 2, 3)
+    torch.testing.assert_close(ws_conv(x), conv.norm(expected))  # the stem applies its ReLU outside
