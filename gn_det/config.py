@@ -42,6 +42,25 @@ def add_gn_config(cfg):
     # gn_det.layers.norm.NORM_NAMES is accepted when the RPN head is "GNRPNHead".
     cfg.MODEL.RPN.NORM = ""
 
+    # --- Speed (not in the paper). Applied by gn-det's meta-architectures whenever the model runs:
+    # training, evaluation, DefaultPredictor, distributed runs.
+    # Compute precision of the forward pass: "fp32", "bf16" (autocast; CPU and CUDA) or "fp16" (autocast,
+    # CUDA only, trained with a gradient scaler). GroupNorm statistics stay in float32 in every mode.
+    cfg.MODEL.PRECISION = "fp32"
+    # Run convolutions on channels_last (NHWC) tensors, faster for oneDNN/cuDNN kernels.
+    cfg.MODEL.CHANNELS_LAST = False
+
+    # --- Data. COCO-format datasets registered without code, each "NAME=JSON_FILE,IMAGE_DIR"
+    # (the same as train_net.py's repeatable --dataset flag). Names can then be used in DATASETS.TRAIN/TEST.
+    cfg.DATASETS.REGISTER = []
+
+    # --- Linear LR scaling (Goyal et al., 2017; the paper's Sec. 4 recipe for other batch sizes).
+    # When True, BASE_LR, WARMUP_ITERS, STEPS, MAX_ITER, CHECKPOINT_PERIOD and TEST.EVAL_PERIOD are rescaled
+    # from REFERENCE_IMS_PER_BATCH images per iteration to IMS_PER_BATCH: LR x N/ref, iterations x ref/N.
+    cfg.SOLVER.LINEAR_LR_SCALING = False
+    # The batch size the config's schedule was written for: 16 images, the paper's (8 GPUs x 2).
+    cfg.SOLVER.REFERENCE_IMS_PER_BATCH = 16
+
 
 def get_gn_cfg(config_file=None, opts=()):
     """A detectron2 config with gn-det's keys, merged from ``config_file`` and ``opts`` and checked.
@@ -50,10 +69,18 @@ def get_gn_cfg(config_file=None, opts=()):
     """
     cfg = get_cfg()
     add_gn_config(cfg)
-    if config_file:
-        cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
-    check_gn_config(cfg, source=config_file or "config")
+    source = config_file or "command line"
+    # yacs reports an unknown key as KeyError (file) or AssertionError (list); either way, name where it was
+    try:
+        if config_file:
+            cfg.merge_from_file(config_file)
+    except (KeyError, AssertionError) as err:
+        raise KeyError(f"{config_file}: {err.args[0]}") from None
+    try:
+        cfg.merge_from_list(list(opts))
+    except (KeyError, AssertionError) as err:
+        raise KeyError(f"command line: {err.args[0]}") from None
+    check_gn_config(cfg, source=source)
     return cfg
 
 

@@ -1,0 +1,1 @@
+"""Analysis tools: run comparison and speed benchmarks."""

@@ -1,0 +1,120 @@
+"""Read finished training runs (an OUTPUT_DIR each) and compare them the way the paper's tables do."""
+import csv
+import json
+import os
+import statistics
+
+from tabulate import tabulate
+
+METRICS = ("bbox/AP", "bbox/AP50", "bbox/AP75", "segm/AP", "segm/AP50", "segm/AP75")
+
+
+class Run:
+    """What one OUTPUT_DIR holds: final results (results.json) and the training log (metrics.json)."""
+
+    def __init__(self, output_dir, name=None):
+        self.output_dir = output_dir
+        self.name = name or os.path.basename(os.path.normpath(output_dir))
+        results_path = os.path.join(output_dir, "results.json")
+        metrics_path = os.path.join(output_dir, "metrics.json")
+        if not os.path.exists(results_path) and not os.path.exists(metrics_path):
+            raise FileNotFoundError(f"{output_dir}: neither results.json nor metrics.json; is it a run's OUTPUT_DIR?")
+        self.final = _final_results(results_path) if os.path.exists(results_path) else {}
+        self.log = _read_metrics(metrics_path) if os.path.exists(metrics_path) else []
+
+    def series(self, key):
+        """(iteration, value) pairs of one logged scalar, e.g. "total_loss" or "bbox/AP"."""
+        return [(row["iteration"], row[k]) for row in self.log for k in row if k == key or k.endswith("/" + key)]
+
+    def metric(self, key):
+        """Final value of "bbox/AP" etc.: results.json, else the last evaluation in metrics.json."""
+        if key in self.final:
+            return self.final[key]
+        points = self.series(key)
+        return points[-1][1] if points else None
+
+    @property
+    def seconds_per_iter(self):
+        times = [row["time"] for row in self.log if "time" in row]
+        return statistics.median(times) if times else None
+
+    @property
+    def peak_memory_mb(self):
+        peaks = [row["peak_memory_mb"] for row in self.log if "peak_memory_mb" in row]
+        return max(peaks) if peaks else None
+
+
+def _final_results(path):
+    """results.json ({dataset: {task: {metric: value}}}) flattened to {"bbox/AP": ...} for the first dataset."""
+    with open(path) as f:
+        per_dataset = json.load(f)
+    first = next(iter(per_dataset.values()), {})
+    return {f"{task}/{metric}": value for task, values in first.items() for metric, value in values.items()}
+
+
+def _read_metrics(path):
+    """detectron2's metrics.json: one JSON object per line; a line cut by a killed run is skipped."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def comparison_rows(runs):
+    """Rows of the comparison table; Δ columns are against the first run."""
+    base = runs[0]
+    rows = []
+    for run in runs:
+        row = {"run": run.name}
+        for key in METRICS:
+            row[key] = run.metric(key)
+        for key in ("bbox/AP", "segm/AP"):
+            ours, theirs = run.metric(key), base.metric(key)
+            row[f"Δ {key}"] = None if ours is None or theirs is None else ours - theirs
+        row["s/iter"] = run.seconds_per_iter
+        row["peak MB"] = run.peak_memory_mb
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows):
+    return tabulate([list(r.values()) for r in rows], headers=list(rows[0]), tablefmt="pipe", floatfmt=".3g",
+                    missingval="–")
+
+
+def write_csv(rows, path):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_runs(runs, path):
+    """Total loss and box/mask AP against iteration, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (loss_ax, ap_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for run in runs:
+        loss = run.series("total_loss")
+        line = loss_ax.plot([i for i, _ in loss], [v for _, v in loss], label=run.name)[0] if loss else None
+        color = line.get_color() if line else None
+        for key, style in (("bbox/AP", "-o"), ("segm/AP", "--s")):
+            points = run.series(key)
+            if points:
+                ap_ax.plot([i for i, _ in points], [v for _, v in points], style, color=color,
+                           label=f"{run.name} {key.split('/')[0]}")
+    loss_ax.set(xlabel="iteration", ylabel="total loss", title="training loss")
+    ap_ax.set(xlabel="iteration", ylabel="AP", title="box (solid) and mask (dashed) AP")
+    for ax in (loss_ax, ap_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,64 @@
+"""The optimizer recipe (zero decay on GN γ/β) and linear LR scaling."""
+import pytest
+
+pytest.importorskip("detectron2")
+
+import torch  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+
+from conftest import GN_FPN, TINY_OPTS  # noqa: E402
+from gn_det.config import get_gn_cfg  # noqa: E402
+from gn_det.solver import build_gn_optimizer, param_group_table, scale_schedule_linearly  # noqa: E402
+
+
+def decay_of(optimizer):
+    return {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+
+
+def test_gn_gamma_beta_get_zero_decay_and_weights_do_not():
+    cfg = get_gn_cfg(GN_FPN, TINY_OPTS)
+    model = build_model(cfg)
+    optimizer = build_gn_optimizer(cfg, model)
+    decay = decay_of(optimizer)
+    norms = [p for m in model.modules() if isinstance(m, torch.nn.GroupNorm) for p in m.parameters()
+             if p.requires_grad]
+    weights = [m.weight for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+               and m.weight.requires_grad]
+    assert len(norms) > 50 and len(weights) > 30
+    assert all(decay[id(p)] == 0.0 for p in norms)
+    assert all(decay[id(w)] == cfg.SOLVER.WEIGHT_DECAY == 1e-4 for w in weights)
+    # frozen stem/res2 (FREEZE_AT 2) are not optimised at all
+    frozen = model.backbone.bottom_up.stem.conv1.norm.weight
+    assert not frozen.requires_grad and id(frozen) not in decay
+
+
+def test_bias_decay_switch_and_table():
+    cfg = get_gn_cfg(GN_FPN, TINY_OPTS + ["SOLVER.WEIGHT_DECAY_BIAS", "0.0"])
+    model = build_model(cfg)
+    optimizer = build_gn_optimizer(cfg, model)
+    decay = decay_of(optimizer)
+    biases = [m.bias for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert biases and all(decay[id(b)] == 0.0 for b in biases)
+    table = param_group_table(model, optimizer)
+    assert "GroupNorm γ/β" in table and "weight" in table and "weight decay" in table
+    weight_row = next(line for line in table.splitlines() if line.startswith("| weight "))
+    assert "0.0001" in weight_row
+
+
+def test_linear_lr_scaling_from_16_to_2_images():
+    cfg = get_gn_cfg(GN_FPN, ["SOLVER.IMS_PER_BATCH", "2", "SOLVER.LINEAR_LR_SCALING", "True"])
+    scale_schedule_linearly(cfg)
+    assert cfg.SOLVER.BASE_LR == pytest.approx(0.02 * 2 / 16)
+    assert cfg.SOLVER.MAX_ITER == 180000 * 8
+    assert cfg.SOLVER.STEPS == (120000 * 8, 160000 * 8)
+    assert cfg.SOLVER.WARMUP_ITERS == 1000 * 8
+    assert cfg.SOLVER.CHECKPOINT_PERIOD == 5000 * 8
+    # idempotent: the scaled config, dumped and re-scaled, stays the same
+    scale_schedule_linearly(cfg)
+    assert cfg.SOLVER.MAX_ITER == 180000 * 8 and cfg.SOLVER.BASE_LR == pytest.approx(0.0025)
+
+
+def test_linear_lr_scaling_off_by_default():
+    cfg = get_gn_cfg(GN_FPN, ["SOLVER.IMS_PER_BATCH", "2"])
+    scale_schedule_linearly(cfg)
+    assert cfg.SOLVER.BASE_LR == 0.02 and cfg.SOLVER.MAX_ITER == 180000

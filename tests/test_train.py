@@ -1,0 +1,152 @@
+"""tools/train_net.py and tools/compare_runs.py end to end: train, evaluate, resume after SIGKILL, two CPU
+processes, bad input, real photos."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("detectron2")
+
+from conftest import CONFIG_DIR, REPO  # noqa: E402
+from gn_det.data import generate_shapes  # noqa: E402
+
+GN_SHAPES = os.path.join(CONFIG_DIR, "shapes", "mask_rcnn_R_18_FPN_gn.yaml")
+BNSTAR_SHAPES = os.path.join(CONFIG_DIR, "shapes", "mask_rcnn_R_18_FPN_bnstar.yaml")
+FRUITS = os.path.join(os.path.dirname(REPO), "shared", "data", "fruits_nuts")
+# small and quick: 128 px, 2 images per batch, few proposals
+SMALL = ["INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "128", "INPUT.MIN_SIZE_TEST", "128",
+         "INPUT.MAX_SIZE_TEST", "128", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1",
+         "MODEL.RPN.POST_NMS_TOPK_TRAIN", "100", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
+         "DATALOADER.NUM_WORKERS", "0", "TEST.EVAL_PERIOD", "0"]
+
+
+@pytest.fixture(scope="module")
+def tiny_shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    generate_shapes(str(root), num_train=8, num_val=4, image_size=128)
+    return [f"--dataset=tiny_train={root}/train.json,{root}/train", f"--dataset=tiny_val={root}/val.json,{root}/val",
+            "DATASETS.TRAIN", "('tiny_train',)", "DATASETS.TEST", "('tiny_val',)"]
+
+
+def train_net(*args, timeout=600, check=True):
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "train_net.py"), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train_net failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def test_train_then_evaluate_writes_results_and_compare_runs(tmp_path, tiny_shapes):
+    runs = []
+    for config in (GN_SHAPES, BNSTAR_SHAPES):
+        out = tmp_path / os.path.basename(config)[:-5]
+        proc = train_net("--config-file", config, *tiny_shapes, *SMALL, "SOLVER.MAX_ITER", "3",
+                         "OUTPUT_DIR", str(out))
+        log = proc.stdout + proc.stderr
+        assert "Optimizer parameter groups" in log and "weight decay" in log
+        results = json.loads((out / "results.json").read_text())
+        assert set(results["tiny_val"]) == {"bbox", "segm"}
+        assert "AP" in results["tiny_val"]["segm"]
+        assert (out / "model_final.pth").exists() and (out / "metrics.json").exists()
+        runs.append(str(out))
+    # GN: every GroupNorm γ/β in a zero-decay group (logged table)
+    assert "GroupNorm γ/β" in (tmp_path / "mask_rcnn_R_18_FPN_gn" / "log.txt").read_text()
+
+    # --eval-only on the trained weights gives the same numbers
+    out = tmp_path / "mask_rcnn_R_18_FPN_gn"
+    before = json.loads((out / "results.json").read_text())
+    train_net("--config-file", GN_SHAPES, "--eval-only", *tiny_shapes, *SMALL, "OUTPUT_DIR", str(out),
+              "MODEL.WEIGHTS", str(out / "model_final.pth"))
+    assert json.loads((out / "results.json").read_text()) == before
+
+    prefix = tmp_path / "cmp" / "comparison"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "compare_runs.py"), *runs, "--out",
+                           str(prefix)], capture_output=True, text=True, check=True)
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("| run") and "Δ bbox/AP" in lines[0] and "s/iter" in lines[0]
+    assert any(line.startswith("| mask_rcnn_R_18_FPN_bnstar") for line in lines)
+    assert (tmp_path / "cmp" / "comparison.csv").read_text().count("\n") == 3
+    assert (tmp_path / "cmp" / "comparison.png").stat().st_size > 10_000
+
+
+def test_resume_after_sigkill_continues_from_last_checkpoint(tmp_path, tiny_shapes):
+    out = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file", GN_SHAPES, *tiny_shapes,
+           *SMALL, "SOLVER.MAX_ITER", "200", "SOLVER.CHECKPOINT_PERIOD", "2", "OUTPUT_DIR", str(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "model_0000003.pth").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    last = (out / "last_checkpoint").read_text().strip()
+    assert last.startswith("model_00000") and proc.returncode == -signal.SIGKILL
+    resumed_from = int(last[len("model_"):-len(".pth")]) + 1
+    proc = train_net("--config-file", GN_SHAPES, "--resume", *tiny_shapes, *SMALL,
+                     "SOLVER.MAX_ITER", str(resumed_from + 2), "SOLVER.CHECKPOINT_PERIOD", "2",
+                     "OUTPUT_DIR", str(out))
+    log = proc.stdout + proc.stderr
+    assert f"Starting training from iteration {resumed_from}" in log
+    assert "Loading trainer from" in log  # the trainer's state holds optimizer, scheduler and hooks
+    import torch
+
+    final = torch.load(out / "model_final.pth", weights_only=False)
+    assert final["iteration"] == resumed_from + 1 and final["trainer"]["_trainer"]["optimizer"]["state"]
+
+
+def test_two_cpu_processes_train_and_write_one_checkpoint(tmp_path, tiny_shapes):
+    out = tmp_path / "ddp"
+    proc = train_net("--config-file", GN_SHAPES, "--num-gpus", "2", *tiny_shapes, *SMALL, "SOLVER.MAX_ITER", "2",
+                     "SOLVER.CHECKPOINT_PERIOD", "100", "OUTPUT_DIR", str(out))
+    assert "Starting training from iteration 0" in proc.stdout + proc.stderr
+    assert sorted(p.name for p in out.glob("*.pth")) == ["model_final.pth"]
+    assert "world_size=2" in (out / "log.txt").read_text() or "Rank of current process: 0. World size: 2" in (
+        out / "log.txt").read_text()
+
+
+def error_line(proc):
+    assert proc.returncode != 0
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def test_bad_input_is_one_line_naming_the_offender(tmp_path, tiny_shapes):
+    out = tmp_path / "bad"
+    missing = tmp_path / "nope.json"
+    line = error_line(train_net("--config-file", GN_SHAPES, f"--dataset=x={missing},{tmp_path}",
+                                "OUTPUT_DIR", str(out), check=False))
+    assert line.startswith("train_net.py: error:") and str(missing) in line
+    line = error_line(train_net("--config-file", GN_SHAPES, "MODEL.GN.NUM_GROUP", "8", check=False))
+    assert "MODEL.GN.NUM_GROUP" in line and line.startswith("train_net.py: error:")
+    line = error_line(train_net("--config-file", GN_SHAPES, "DATASETS.TRAIN", "('unregistered',)", check=False))
+    assert "'unregistered'" in line and "DATASETS.TRAIN" in line
+    assert not out.exists()  # failed at startup, before anything was written
+
+
+def test_nan_loss_stops_with_one_line_and_keeps_checkpoints(tmp_path, tiny_shapes):
+    out = tmp_path / "nan"
+    out.mkdir()
+    earlier = out / "model_0000009.pth"
+    earlier.write_bytes(b"an earlier checkpoint")
+    # a zero pixel std turns every input into inf: the first loss is NaN
+    proc = train_net("--config-file", GN_SHAPES, *tiny_shapes, *SMALL, "MODEL.PIXEL_STD", "[0.0, 0.0, 0.0]",
+                     "SOLVER.MAX_ITER", "3", "OUTPUT_DIR", str(out), check=False)
+    line = error_line(proc)
+    assert line.startswith("train_net.py: error:") and "NaN" in line and "iteration" in line
+    assert earlier.read_bytes() == b"an earlier checkpoint"
+
+
+@pytest.mark.skipif(not os.path.isdir(FRUITS), reason="../shared/data/fruits_nuts not present")
+def test_real_photos_train_and_evaluate(tmp_path):
+    out = tmp_path / "fruits"
+    spec = f"fruits={FRUITS}/trainval.json,{FRUITS}/images"
+    train_net("--config-file", GN_SHAPES, f"--dataset={spec}", "DATASETS.TRAIN", "('fruits',)",
+              "DATASETS.TEST", "('fruits',)", "INPUT.MASK_FORMAT", "polygon", *SMALL, "INPUT.MIN_SIZE_TRAIN",
+              "(192,)", "INPUT.MAX_SIZE_TRAIN", "256", "INPUT.MIN_SIZE_TEST", "192", "INPUT.MAX_SIZE_TEST", "256",
+              "SOLVER.MAX_ITER", "4", "OUTPUT_DIR", str(out))
+    results = json.loads((out / "results.json").read_text())["fruits"]
+    assert set(results) == {"bbox", "segm"}
+    assert all(0.0 <= results[task]["AP"] <= 100.0 for task in results)

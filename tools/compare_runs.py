@@ -1,0 +1,27 @@
+#!/usr/bin/env python3
+"""Compare training runs side by side: a paper-style Markdown table (Δ to the first run), CSV and a plot.
+
+    python tools/compare_runs.py output/shapes/mask_rcnn_R_18_FPN_gn output/shapes/mask_rcnn_R_18_FPN_bnstar
+"""
+import argparse
+import os
+
+from gn_det.analysis.runs import Run, comparison_rows, markdown_table, plot_runs, write_csv
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="OUTPUT_DIR of each run; the first is the reference")
+    parser.add_argument("--out", default="comparison", help="prefix of the CSV and PNG written (default: %(default)s)")
+    args = parser.parse_args()
+    runs = [Run(d) for d in args.run_dirs]
+    rows = comparison_rows(runs)
+    print(markdown_table(rows))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    write_csv(rows, args.out + ".csv")
+    plot_runs(runs, args.out + ".png")
+    print(f"\nwrote {args.out}.csv and {args.out}.png")
+
+
+if __name__ == "__main__":
+    main()
