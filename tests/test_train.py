@@ -150,3 +150,21 @@ def test_real_photos_train_and_evaluate(tmp_path):
     results = json.loads((out / "results.json").read_text())["fruits"]
     assert set(results) == {"bbox", "segm"}
     assert all(0.0 <= results[task]["AP"] <= 100.0 for task in results)
+
+
+def test_converted_gn_weights_into_bnstar_model_fail_before_training(tmp_path, tiny_shapes):
+    import torch
+    import torchvision
+
+    from gn_det.checkpoint import IMAGENET_RGB_PIXEL_MEAN, IMAGENET_RGB_PIXEL_STD, convert_weights
+
+    source = torchvision.models.resnet18(norm_layer=lambda channels: torch.nn.GroupNorm(32, channels))
+    torch.save(source.state_dict(), tmp_path / "r18_gn.pth")
+    convert_weights(str(tmp_path / "r18_gn.pth"), str(tmp_path / "r18_gn.pkl"))
+    out = tmp_path / "wrong_norm"
+    proc = train_net("--config-file", BNSTAR_SHAPES, *tiny_shapes, *SMALL, "MODEL.WEIGHTS", str(tmp_path / "r18_gn.pkl"),
+                     "INPUT.FORMAT", "RGB", "MODEL.PIXEL_MEAN", str(IMAGENET_RGB_PIXEL_MEAN), "MODEL.PIXEL_STD",
+                     str(IMAGENET_RGB_PIXEL_STD), "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(out), check=False)
+    line = error_line(proc)
+    assert line.startswith("train_net.py: error:") and "r18_gn.pkl" in line and "GN" in line
+    assert not list(out.glob("*.pth"))

@@ -1,5 +1,6 @@
 """From command-line arguments to a checked, frozen config, and the train/evaluate entry point."""
 import logging
+import os
 
 import torch
 
@@ -10,6 +11,8 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from iopath.common.file_io import PathManager
 
+from gn_det.checkpoint import check_weights_for_model, load_converted
+from gn_det.checkpoint.convert import AUTHOR as CONVERTER_AUTHOR
 from gn_det.config import get_gn_cfg
 from gn_det.data import SHAPES_SPLITS, ensure_shapes, register_datasets
 from gn_det.solver import scale_schedule_linearly
@@ -73,6 +76,18 @@ def setup(args):
     return cfg
 
 
+def check_converted_weights(cfg, model):
+    """Weights written by gn-det's converter must fit the model before training starts: a GN file into a BN*
+    model (or the reverse), another depth, or input settings other than the weights' (RGB, mean/std, stride)
+    would load silently (FrozenBN keeps its defaults for missing statistics) and train a worse model."""
+    path = cfg.MODEL.WEIGHTS
+    if not (path.endswith(".pkl") and os.path.isfile(path)):
+        return
+    checkpoint = load_converted(path)
+    if isinstance(checkpoint, dict) and checkpoint.get("__author__") == CONVERTER_AUTHOR:
+        check_weights_for_model(model, checkpoint, cfg, name=path)
+
+
 def train_or_evaluate(args):
     """The body of tools/train_net.py, run in every process by detectron2's ``launch``."""
     cfg = setup(args)
@@ -81,5 +96,7 @@ def train_or_evaluate(args):
         DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         return GNTrainer.test(cfg, model)
     trainer = GNTrainer(cfg)
+    if not (args.resume and trainer.checkpointer.has_checkpoint()):
+        check_converted_weights(cfg, getattr(trainer.model, "module", trainer.model))  # unwrap DDP
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()

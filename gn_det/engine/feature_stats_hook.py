@@ -1,0 +1,152 @@
+"""Record the distribution of one layer's features during training (the paper's Figure 3).
+
+:class:`FeatureStatsHook` hooks a module of the model and, every ``period`` iterations, takes the percentiles of
+what the training forward pass feeds into it or gets out of it; :class:`FeatureStatsTrainer` is GNTrainer with
+that hook, and :func:`train_with_feature_stats` the body of ``tools/feature_stats.py train``. Capturing the
+training forward costs no extra forward pass and sees the statistics the norms actually normalize (batch
+statistics for BN), as the paper's curves do.
+"""
+import difflib
+import os
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from detectron2.engine import HookBase
+from detectron2.layers import Conv2d
+from detectron2.utils import comm
+
+from gn_det.analysis.feature_stats import (
+    FEATURE_STATS_FILE,
+    PERCENTILES,
+    feature_percentiles,
+    read_feature_stats,
+    write_feature_stats,
+)
+
+from .setup import setup, train_or_evaluate
+from .trainer import GNTrainer
+
+WHERE = ("output", "input")
+
+
+def default_feature_layer(model):
+    """The paper's choice, conv5_3 before normalization, for any gn-det ResNet: the last conv of res5, taken at
+    the input of its norm (the raw conv output), or at the conv's output when it has no norm."""
+    convs = [(name, m) for name, m in model.named_modules() if isinstance(m, Conv2d) and ".res5." in f".{name}"]
+    if not convs:
+        raise ValueError("the model has no res5 stage; choose the layer to record (--layer MODULE_PATH)")
+    name, conv = convs[-1]
+    return (f"{name}.norm", "input") if conv.norm is not None else (name, "output")
+
+
+def find_module(model, path):
+    """``model``'s submodule at ``path``; ValueError naming the closest existing paths otherwise."""
+    modules = dict(model.named_modules())
+    if path not in modules:
+        close = difflib.get_close_matches(path, [n for n in modules if n], n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"the model has no module {path!r} to record features of{hint}")
+    return modules[path]
+
+
+class FeatureStatsHook(HookBase):
+    """Every ``period`` iterations (and at the last), the percentiles (``PERCENTILES``), mean and std of the
+    tensor the training forward passes into (``where="input"``) or gets out of (``"output"``) the module at
+    ``layer``, appended to ``output_dir/feature_stats.json``.
+
+    ``layer=None`` records :func:`default_feature_layer`; ``where=None`` is "output" for a given layer. The file is rewritten after every record, so a
+    killed run keeps what it measured; a resumed run continues it. Only the main process records (its
+    share of the batch).
+    """
+
+    def __init__(self, output_dir, layer=None, where=None, period=10):
+        if where is not None and where not in WHERE:
+            raise ValueError(f"where={where!r}; choose one of {', '.join(map(repr, WHERE))}")
+        if period < 1:
+            raise ValueError(f"feature stats period={period} must be >= 1")
+        self._output_dir = output_dir
+        self._layer, self._where, self._period = layer, where, period
+        self._handle = None
+        self._wanted = False  # capture in this iteration's forward
+        self._captured = None
+        self._stats = None
+
+    def before_train(self):
+        if not comm.is_main_process():
+            return
+        model = self.trainer.model
+        model = model.module if isinstance(model, DistributedDataParallel) else model
+        if self._layer is None:
+            self._layer, default_where = default_feature_layer(model)
+            self._where = self._where or default_where
+        self._where = self._where or "output"
+        module = find_module(model, self._layer)
+        if self._where == "input":
+            self._handle = module.register_forward_pre_hook(lambda _module, inputs: self._capture(inputs[0]))
+        else:
+            self._handle = module.register_forward_hook(lambda _module, _inputs, output: self._capture(output))
+        self._stats = self._resumed_stats()
+
+    def _resumed_stats(self):
+        """The records of an earlier part of this run (before the iteration it resumes from), or none."""
+        fresh = {"layer": self._layer, "where": self._where, "percentiles": list(PERCENTILES), "records": []}
+        if not os.path.isfile(os.path.join(self._output_dir, FEATURE_STATS_FILE)):
+            return fresh
+        earlier = read_feature_stats(self._output_dir)
+        if (earlier["layer"], earlier["where"]) != (self._layer, self._where):
+            raise ValueError(
+                f"{os.path.join(self._output_dir, FEATURE_STATS_FILE)} records {earlier['layer']} "
+                f"({earlier['where']}), not {self._layer} ({self._where}); use another OUTPUT_DIR or the same layer"
+            )
+        fresh["records"] = [r for r in earlier["records"] if r["iteration"] < self.trainer.start_iter]
+        return fresh
+
+    def _capture(self, value):
+        if not self._wanted:
+            return
+        self._wanted = False  # the first call of the iteration: a module called twice is measured once
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{self._layer} ({self._where}) is a {type(value).__name__}, not a tensor; "
+                             "choose a module that takes/returns one tensor")
+        self._captured = feature_percentiles(value)
+
+    def before_step(self):
+        if self._handle is not None:
+            it = self.trainer.iter
+            self._wanted = it % self._period == 0 or it == self.trainer.max_iter - 1
+
+    def after_step(self):
+        self._wanted = False  # never measure evaluation passes run by later hooks
+        if self._captured is not None:
+            self._stats["records"].append({"iteration": self.trainer.iter, **self._captured})
+            self._captured = None
+            write_feature_stats(self._output_dir, self._stats)
+
+    def after_train(self):
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+class FeatureStatsTrainer(GNTrainer):
+    """GNTrainer that also records a layer's feature distribution (:class:`FeatureStatsHook`)."""
+
+    def __init__(self, cfg, layer=None, where=None, period=10):
+        # GNTrainer.__init__ builds the hooks, so the hook must exist before it runs
+        self._feature_stats_hook = FeatureStatsHook(cfg.OUTPUT_DIR, layer, where, period)
+        super().__init__(cfg)
+
+    def build_hooks(self):
+        return super().build_hooks() + [self._feature_stats_hook]
+
+
+def train_with_feature_stats(args):
+    """tools/train_net.py's ``train_or_evaluate`` with :class:`FeatureStatsTrainer`; ``args`` also carry
+    ``layer``, ``where`` and ``period``. ``--eval-only`` evaluates as train_net does (nothing to record)."""
+    if args.eval_only:
+        return train_or_evaluate(args)
+    cfg = setup(args)
+    trainer = FeatureStatsTrainer(cfg, args.layer, args.where, args.period)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
