@@ -3,8 +3,7 @@
 :class:`FeatureStatsHook` hooks a module of the model and, every ``period`` iterations, takes the percentiles of
 what the training forward pass feeds into it or gets out of it; :class:`FeatureStatsTrainer` is GNTrainer with
 that hook, and :func:`train_with_feature_stats` the body of ``tools/feature_stats.py train``. Capturing the
-training forward costs no extra forward pass and sees the statistics the norms actually normalize (batch
-statistics for BN), as the paper's curves do.
+training forward costs no extra forward pass and measures exactly the features the norms normalize in training.
 """
 import difflib
 import os
@@ -24,7 +23,7 @@ from gn_det.analysis.feature_stats import (
     write_feature_stats,
 )
 
-from .setup import setup, train_or_evaluate
+from .setup import check_converted_weights, setup, train_or_evaluate
 from .trainer import GNTrainer
 
 WHERE = ("output", "input")
@@ -55,9 +54,10 @@ class FeatureStatsHook(HookBase):
     tensor the training forward passes into (``where="input"``) or gets out of (``"output"``) the module at
     ``layer``, appended to ``output_dir/feature_stats.json``.
 
-    ``layer=None`` records :func:`default_feature_layer`; ``where=None`` is "output" for a given layer. The file is rewritten after every record, so a
-    killed run keeps what it measured; a resumed run continues it. Only the main process records (its
-    share of the batch).
+    ``layer=None`` records :func:`default_feature_layer`; ``where=None`` is "output" for a given layer. The file
+    is rewritten after every record, so a killed run keeps what it measured; a resumed run continues it. Only
+    the main process records (its share of the batch). Register it before hooks that run forward passes after
+    the step (evaluation, PreciseBN), which must not be measured.
     """
 
     def __init__(self, output_dir, layer=None, where=None, period=10):
@@ -79,8 +79,9 @@ class FeatureStatsHook(HookBase):
         model = model.module if isinstance(model, DistributedDataParallel) else model
         if self._layer is None:
             self._layer, default_where = default_feature_layer(model)
-            self._where = self._where or default_where
-        self._where = self._where or "output"
+        else:
+            default_where = "output"
+        self._where = self._where or default_where
         module = find_module(model, self._layer)
         if self._where == "input":
             self._handle = module.register_forward_pre_hook(lambda _module, inputs: self._capture(inputs[0]))
@@ -117,7 +118,7 @@ class FeatureStatsHook(HookBase):
             self._wanted = it % self._period == 0 or it == self.trainer.max_iter - 1
 
     def after_step(self):
-        self._wanted = False  # never measure evaluation passes run by later hooks
+        self._wanted = False  # a module the training forward did not call is not measured in later passes
         if self._captured is not None:
             self._stats["records"].append({"iteration": self.trainer.iter, **self._captured})
             self._captured = None
@@ -138,7 +139,8 @@ class FeatureStatsTrainer(GNTrainer):
         super().__init__(cfg)
 
     def build_hooks(self):
-        return super().build_hooks() + [self._feature_stats_hook]
+        # first: its after_step ends the capture before EvalHook/PreciseBN run their forward passes
+        return [self._feature_stats_hook] + super().build_hooks()
 
 
 def train_with_feature_stats(args):
@@ -148,5 +150,7 @@ def train_with_feature_stats(args):
         return train_or_evaluate(args)
     cfg = setup(args)
     trainer = FeatureStatsTrainer(cfg, args.layer, args.where, args.period)
+    if not (args.resume and trainer.checkpointer.has_checkpoint()):
+        check_converted_weights(cfg, getattr(trainer.model, "module", trainer.model))  # unwrap DDP
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()

@@ -1,0 +1,125 @@
+"""tools/sweep.py: grid expansion and cell naming, per-cell options, and a real two-cell sweep run twice."""
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("detectron2")
+
+from conftest import CONFIG_DIR, REPO  # noqa: E402
+from gn_det.analysis.sweep import Cell, expand_grid, norm_label  # noqa: E402
+from gn_det.config import get_gn_cfg  # noqa: E402
+from gn_det.data import generate_shapes  # noqa: E402
+from gn_det.solver import scale_schedule_linearly  # noqa: E402
+
+GN_SHAPES = os.path.join(CONFIG_DIR, "shapes", "mask_rcnn_R_18_FPN_gn.yaml")
+SMALL = ["INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "128", "INPUT.MIN_SIZE_TEST", "128",
+         "INPUT.MAX_SIZE_TEST", "128", "SOLVER.WARMUP_ITERS", "1", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "100",
+         "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32", "MODEL.RPN.POST_NMS_TOPK_TEST", "50",
+         "TEST.DETECTIONS_PER_IMAGE", "10", "DATALOADER.NUM_WORKERS", "0", "TEST.EVAL_PERIOD", "0"]
+
+
+def test_grid_expands_group_settings_for_grouped_norms_only():
+    cells = expand_grid(["GN", "BNstar", "GN+WS"], [1, 2], groups=[8, 32], dims_per_group=[16])
+    assert [c.name for c in cells[:6]] == [
+        "norm=GN,G=8,ims=1", "norm=GN,G=8,ims=2", "norm=GN,G=32,ims=1", "norm=GN,G=32,ims=2",
+        "norm=GN,C_per_G=16,ims=1", "norm=GN,C_per_G=16,ims=2"]
+    assert [c.name for c in cells[6:8]] == ["norm=BNstar,ims=1", "norm=BNstar,ims=2"]
+    assert len(cells) == 6 + 2 + 6 and cells[-1].name == "norm=GN+WS,C_per_G=16,ims=2"
+    assert cells[4].row_label == "GN (C/G=16)" and cells[6].row_label == "BN*"
+    # G=32 when no group setting is given; repeated values count once; labels or slugs, any case
+    assert [c.name for c in expand_grid(["gn", "bn*", "BN"], [4, 4])] == [
+        "norm=GN,G=32,ims=4", "norm=BNstar,ims=4", "norm=BN,ims=4"]
+    with pytest.raises(ValueError, match="norm 'LN' is not one of GN, GN\\+WS, BN, BN\\*, SyncBN"):
+        norm_label("LN")
+    with pytest.raises(ValueError, match="images per batch must be >= 1, got 0"):
+        expand_grid(["GN"], [0])
+
+
+def cfg_of(cell):
+    cfg = get_gn_cfg(GN_SHAPES, cell.opts())
+    return scale_schedule_linearly(cfg)
+
+
+def test_cell_options_set_every_norm_site_and_scale_the_schedule():
+    bnstar = cfg_of(Cell("BN*", 2))
+    assert (bnstar.MODEL.RESNETS.NORM, bnstar.MODEL.FPN.NORM, bnstar.MODEL.ROI_BOX_HEAD.NORM,
+            bnstar.MODEL.ROI_MASK_HEAD.NORM, bnstar.MODEL.GN.WS) == ("FrozenBN", "", "", "", False)
+    ws = cfg_of(Cell("GN+WS", 1, num_groups=8))
+    assert ws.MODEL.GN.WS and ws.MODEL.GN.NUM_GROUPS == 8 and ws.MODEL.FPN.NORM == "GN"
+    # the shapes schedule is for 4 images per batch: 1 image gets LR / 4 and 4x the iterations
+    base = get_gn_cfg(GN_SHAPES)
+    assert ws.SOLVER.IMS_PER_BATCH == 1 and ws.SOLVER.MAX_ITER == 4 * base.SOLVER.MAX_ITER
+    assert ws.SOLVER.BASE_LR == pytest.approx(base.SOLVER.BASE_LR / 4)
+    assert cfg_of(Cell("GN", 4, dim_per_group=16)).MODEL.GN.DIM_PER_GROUP == 16
+
+    sync = Cell("SyncBN", 2)
+    assert sync.processes == 2 and cfg_of(sync).MODEL.FPN.NORM == "naiveSyncBN"  # CPU: gloo all-reduce
+    assert get_gn_cfg(GN_SHAPES, sync.opts(cuda_devices=2)).MODEL.FPN.NORM == "SyncBN"
+    assert "cannot be split 2 ways" in Cell("SyncBN", 1).unsupported_reason()
+    assert Cell("BN", 1).unsupported_reason() is None
+
+
+@pytest.fixture(scope="module")
+def tiny_shapes(tmp_path_factory):
+    root = generate_shapes(str(tmp_path_factory.mktemp("shapes")), num_train=8, num_val=2, image_size=128)
+    register = f"['tiny_train={root}/train.json,{root}/train', 'tiny_val={root}/val.json,{root}/val']"
+    return ["DATASETS.REGISTER", register, "DATASETS.TRAIN", "('tiny_train',)", "DATASETS.TEST", "('tiny_val',)"]
+
+
+def sweep(*args):
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "sweep.py"), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def snapshot(folder):
+    """path -> (mtime_ns, size) of everything under ``folder``, the folder itself included."""
+    entries = {folder: os.stat(folder).st_mtime_ns}
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            entries[path] = (os.stat(path).st_mtime_ns, os.stat(path).st_size)
+    return entries
+
+
+def test_two_cell_sweep_trains_once_then_only_reprints_tables_and_resumes_what_is_unfinished(tmp_path, tiny_shapes):
+    out = tmp_path / "sweep"
+    # the shapes schedule is for 4 images per batch; with the reference at 2, MAX_ITER 2 is 2 iterations
+    args = ["--norms", "GN", "BN*", "--ims", "2", "--out", str(out), "--feature-stats", "--feature-period", "1",
+            *tiny_shapes, *SMALL, "SOLVER.REFERENCE_IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2"]
+    first = sweep(*args)
+    cells = ["norm=GN,G=32,ims=2", "norm=BNstar,ims=2"]
+    for cell in cells:
+        assert f"{cell}: training" in first and f"{cell}: trained in" in first
+        assert (out / cell / "results.json").exists() and (out / cell / "feature_stats.json").exists()
+    table = (out / "sweep.md").read_text()
+    assert "| norm" in table and "2 img/batch" in table
+    assert "| GN (G=32)" in table and "| BN*" in table
+    rows = list(csv.DictReader((out / "sweep.csv").open()))
+    assert [(r["cell"], r["norm"], r["num_groups"], r["ims"]) for r in rows] == [
+        ("norm=GN,G=32,ims=2", "GN", "32", "2"), ("norm=BNstar,ims=2", "BN*", "", "2")]
+    assert all(r["bbox/AP"] and r["segm/AP"] and float(r["peak MB"]) > 0 for r in rows)  # NaN after 2 iterations
+    assert (out / "sweep.png").stat().st_size > 10_000 and (out / "sweep_feature_stats.png").stat().st_size > 10_000
+
+    before = {cell: snapshot(str(out / cell)) for cell in cells}
+    second = sweep(*args)
+    assert all(f"{cell}: finished" in second and f"{cell}: training" not in second for cell in cells)
+    assert table.strip() in second  # the same tables, printed again
+    assert (out / "sweep.md").read_text() == table
+    assert {cell: snapshot(str(out / cell)) for cell in cells} == before  # no cell was touched
+
+    # a cell killed during its final evaluation resumes from its last checkpoint and only evaluates
+    (out / cells[1] / "results.json").unlink()
+    assert "norm=BNstar,ims=2: interrupted" in sweep("--dry-run", *args)
+    third = sweep(*args)
+    assert f"{cells[1]}: training (resuming from its last checkpoint)" in third and f"{cells[0]}: finished" in third
+    assert "Starting training from iteration 2" in (out / cells[1] / "log.txt").read_text()
+    assert (out / cells[1] / "results.json").exists() and snapshot(str(out / cells[0])) == before[cells[0]]
+
+    listing = sweep("--dry-run", "--norms", "GN", "BN*", "SyncBN", "--ims", "1", "2", "--out", str(out))
+    assert "norm=GN,G=32,ims=2: finished" in listing and "norm=GN,G=32,ims=1: to train" in listing
+    assert "norm=SyncBN,ims=1: unsupported" in listing
