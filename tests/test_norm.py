@@ -61,7 +61,7 @@ def test_unknown_norm_lists_allowed_names():
         norm_factory("GroupNorm", key="MODEL.FPN.NORM")
 
 
-def test_low_precision_input_is_normalised_in_float32():
+def test_bfloat16_input_is_normalised_accurately():
     x = torch.randn(2, 64, 16, 16) * 30 + 100  # large mean: bf16 statistics would lose digits
     gn = norm_factory("GN")(64)
     reference = gn(x)

@@ -99,7 +99,7 @@ class GNTrainer(DefaultTrainer):
         results = super().test(cfg, model, evaluators)
         if comm.is_main_process():
             # DefaultTrainer.test drops the dataset level when there is one test set; keep it in the file
-            per_dataset = results if len(cfg.DATASETS.TEST) > 1 else {cfg.DATASETS.TEST[0]: results}
+            per_dataset = results if len(cfg.DATASETS.TEST) != 1 else {cfg.DATASETS.TEST[0]: results}
             write_results(cfg.OUTPUT_DIR, per_dataset)
         return results
 

@@ -16,6 +16,7 @@ from detectron2.modeling.roi_heads.box_head import FastRCNNConvFCHead
 from detectron2.modeling.roi_heads.mask_head import MaskRCNNConvUpsampleHead
 from detectron2.modeling.roi_heads.roi_heads import Res5ROIHeads
 
+from .meta_arch import PrecisionLayoutMixin
 from .norm_sites import finish_norm_sites, with_norm_factories
 
 
@@ -96,8 +97,9 @@ class GNRPNHead(StandardRPNHead):
 
 
 @META_ARCH_REGISTRY.register()
-class GNRetinaNet(RetinaNet):
-    """detectron2's RetinaNet whose head convs take ``MODEL.RETINANET.NORM`` from gn-det's factory."""
+class GNRetinaNet(PrecisionLayoutMixin, RetinaNet):
+    """detectron2's RetinaNet whose head convs take ``MODEL.RETINANET.NORM`` from gn-det's factory, honouring
+    ``MODEL.PRECISION`` and ``MODEL.CHANNELS_LAST`` like GNGeneralizedRCNN."""
 
     @classmethod
     def from_config(cls, cfg):

@@ -1,0 +1,261 @@
+"""Side-by-side speed and memory of stock detectron2 GN Mask R-CNN and gn-det's variants (tools/benchmark.py).
+
+Every variant runs in a fresh subprocess, so its peak memory (RSS high-water mark on CPU,
+``torch.cuda.max_memory_allocated`` on CUDA) is its own, on the same deterministic inputs: ``--images``
+random images of exactly ``--size`` x ``--size`` px with box and mask ground truth, and the test resize set
+to that size, so the network sees ``--size`` px in training and inference.
+
+Each variant is built from random weights (``MODEL.WEIGHTS ""``). Three settings give every variant the work
+it has with trained weights: the optimizer's LR is 0 (the SGD step costs the same, but weights that do not
+move cannot diverge and change the number of proposals); the test score threshold is 0 (a random classifier
+scores ~1/81 per class, under the default 0.05, which would skip the mask head); and FrozenBN statistics are
+set to those of the benchmark batch (random BN* weights have identity statistics, their activations grow
+~1000x through the ResNet, and the degenerate proposals leave inference almost nothing to do).
+
+Times are wall-clock; the JSON also has each run's process CPU time, which is less sensitive to other
+processes sharing the machine (``--threads 1`` makes it more so).
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from tabulate import tabulate
+
+# name -> (config, extra options). A config starting with "detectron2://" is a detectron2 model-zoo file;
+# others are relative to gn-det's configs/ directory.
+VARIANTS = {
+    "d2_gn_fp32": ("detectron2://Misc/mask_rcnn_R_50_FPN_3x_gn.yaml", []),
+    "gn_fp32": ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x_gn.yaml", []),
+    "gn_fast": ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x_gn.yaml",
+                ["MODEL.PRECISION", "bf16", "MODEL.CHANNELS_LAST", "True"]),
+    "bnstar_fp32": ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x_bnstar.yaml", []),
+}
+DEFAULT_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                  "configs")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--size", type=int, default=512, help="square image side in px, as the network sees it")
+    parser.add_argument("--images", type=int, default=2, help="images per training iteration and per inference call")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed iterations before timing, per phase")
+    parser.add_argument("--repeats", type=int, default=3, help="timed iterations per phase; the median is reported")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="variants to run; ratios are to the first one")
+    parser.add_argument("--config", nargs="*", default=[], metavar="KEY VALUE",
+                        help="config overrides applied to every variant, e.g. MODEL.ROI_HEADS.NUM_CLASSES 3")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads per variant; 0: torch's default")
+    parser.add_argument("--config-dir", default=DEFAULT_CONFIG_DIR, help="gn-det's configs/ directory")
+    parser.add_argument("--output", help="write the results (and the settings) to this JSON file")
+    return parser
+
+
+def variant_cfg(name, args):
+    """The config of variant ``name`` at the benchmark's size and device."""
+    from detectron2.model_zoo import get_config_file
+
+    from gn_det.config import get_gn_cfg
+
+    config, extra = VARIANTS[name]
+    if config.startswith("detectron2://"):
+        path = get_config_file(config[len("detectron2://"):])
+    else:
+        path = os.path.join(args.config_dir, config)
+    size = str(args.size)
+    return get_gn_cfg(path, [
+        "MODEL.WEIGHTS", "", "MODEL.DEVICE", args.device,
+        "INPUT.MIN_SIZE_TRAIN", f"({size},)", "INPUT.MAX_SIZE_TRAIN", size,
+        "INPUT.MIN_SIZE_TEST", size, "INPUT.MAX_SIZE_TEST", size,
+        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
+        *extra, *args.config,
+    ])
+
+
+def peak_memory_mib(device):
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
+
+
+def timed_median(step, warmup, repeats, device):
+    """Median wall time of ``step()`` over ``repeats`` calls after ``warmup`` untimed ones, and the wall and
+    process CPU times of every timed call."""
+    import torch
+
+    def synchronize():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        step()
+    wall, cpu = [], []
+    for _ in range(repeats):
+        synchronize()
+        wall_start, cpu_start = time.perf_counter(), time.process_time()
+        step()
+        synchronize()
+        wall.append(time.perf_counter() - wall_start)
+        cpu.append(time.process_time() - cpu_start)
+    return statistics.median(wall), {"wall_s": wall, "cpu_s": cpu}
+
+
+def calibrate_frozen_batchnorm(model, batch):
+    """Set each FrozenBatchNorm2d's statistics to the per-channel mean/variance of its input on ``batch``, as
+    ImageNet-trained BN* weights would have them (see the module docstring)."""
+    import torch
+    from detectron2.layers import FrozenBatchNorm2d
+
+    def use_input_statistics(module, inputs):
+        module.running_mean.copy_(inputs[0].mean(dim=(0, 2, 3)))
+        module.running_var.copy_(inputs[0].var(dim=(0, 2, 3)))
+
+    hooks = [m.register_forward_pre_hook(use_input_statistics) for m in model.modules()
+             if isinstance(m, FrozenBatchNorm2d)]
+    with torch.no_grad():
+        model.backbone(model.preprocess_image(batch).tensor)
+    for hook in hooks:
+        hook.remove()
+
+
+def measure_variant(name, args):
+    """Inference s/image, train s/iter and peak memory of one variant, in this process.
+
+    Inference runs first, so the memory high-water mark read after it is inference's own; the one read after
+    training covers both and is training's (the larger).
+    """
+    import torch
+    from detectron2.modeling import build_model
+    from detectron2.solver import build_optimizer
+    from detectron2.utils.events import EventStorage
+
+    import gn_det  # noqa: F401  (registers gn-det's models)
+    from gn_det.modeling.random_inputs import random_detection_batch
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    cfg = variant_cfg(name, args)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    device = model.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    batch = random_detection_batch(num_images=args.images, height=args.size, width=args.size,
+                                   num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+    test_batch = [{key: value for key, value in item.items() if key != "instances"} for item in batch]
+    calibrate_frozen_batchnorm(model, test_batch)
+
+    model.eval()
+
+    def inference_step():
+        with torch.no_grad():
+            model(test_batch)
+
+    infer_s, infer_times = timed_median(inference_step, args.warmup, args.repeats, device)
+    infer_peak = peak_memory_mib(device)
+
+    model.train()
+    optimizer = build_optimizer(cfg, model)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+
+    def train_step():
+        losses = model(batch)
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+
+    with EventStorage():  # detectron2's heads log training statistics to it
+        train_s, train_times = timed_median(train_step, args.warmup, args.repeats, device)
+    return {
+        "config": VARIANTS[name][0],
+        "options": VARIANTS[name][1] + list(args.config),
+        "threads": torch.get_num_threads(),
+        "train_s_per_iter": train_s,
+        "train_cpu_s_per_iter": statistics.median(train_times["cpu_s"]),
+        "train_times": train_times,
+        "infer_s_per_image": infer_s / args.images,
+        "infer_cpu_s_per_image": statistics.median(infer_times["cpu_s"]) / args.images,
+        "infer_times": infer_times,
+        "infer_peak_mib": infer_peak,
+        "train_peak_mib": peak_memory_mib(device),
+    }
+
+
+def measure_in_subprocess(name, args, argv):
+    """``measure_variant`` in a fresh Python process, so peak memory is the variant's alone."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result_path = os.path.join(tmp, "result.json")
+        proc = subprocess.run(
+            [sys.executable, "-m", "gn_det.analysis.benchmark", "--measure", name, result_path, *argv],
+            capture_output=True, text=True,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"variant {name} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        with open(result_path) as f:
+            return json.load(f)
+
+
+def run_benchmark(args, argv, on_result=None):
+    """Measure every variant of ``args`` (parsed from ``argv``), each in its own process.
+
+    ``on_result(name, result)`` is called as each variant finishes. Returns the report: settings, baseline
+    (the first variant) and per-variant results.
+    """
+    import torch
+
+    results = {}
+    for name in args.variants:
+        results[name] = measure_in_subprocess(name, args, argv)
+        if on_result is not None:
+            on_result(name, results[name])
+    return {
+        "settings": {"argv": list(argv), "size": args.size, "images": args.images, "warmup": args.warmup,
+                     "repeats": args.repeats, "device": args.device, "config": args.config,
+                     "torch": torch.__version__, "cpus": os.cpu_count(),
+                     "platform": platform.platform()},
+        "baseline": args.variants[0],
+        "variants": results,
+    }
+
+
+def markdown_table(report, clock="wall"):
+    """The results as a Markdown table; "x" columns are throughput (or memory) relative to the baseline.
+
+    ``clock`` "wall" reports wall-clock times, "cpu" the process CPU times of the same runs.
+    """
+    train_key, infer_key = {"wall": ("train_s_per_iter", "infer_s_per_image"),
+                            "cpu": ("train_cpu_s_per_iter", "infer_cpu_s_per_image")}[clock]
+    unit = "s" if clock == "wall" else "cpu-s"
+    base = report["variants"][report["baseline"]]
+    rows = []
+    for name, r in report["variants"].items():
+        rows.append([
+            name,
+            r[train_key], base[train_key] / r[train_key],
+            r[infer_key], base[infer_key] / r[infer_key],
+            r["train_peak_mib"], r["train_peak_mib"] / base["train_peak_mib"],
+            r["infer_peak_mib"],
+        ])
+    headers = ["variant", f"train {unit}/iter", "train x", f"infer {unit}/img", "infer x",
+               "peak MiB (train)", "peak vs base", "peak MiB (infer)"]
+    return tabulate(rows, headers=headers, tablefmt="pipe", floatfmt=".3f")
+
+
+if __name__ == "__main__":
+    # Child process of measure_in_subprocess: --measure NAME RESULT_PATH, then the tool's own arguments.
+    assert sys.argv[1] == "--measure", sys.argv
+    variant, result_file = sys.argv[2], sys.argv[3]
+    measured = measure_variant(variant, build_parser().parse_args(sys.argv[4:]))
+    with open(result_file, "w") as out:
+        json.dump(measured, out)

@@ -1,0 +1,247 @@
+"""MODEL.PRECISION / MODEL.CHANNELS_LAST: the fast path keeps outputs, and the switches live with the model.
+
+Accuracy guard (tiny R-18 GN FPN, random weights, fixed 128 px input): bf16 + channels_last backbone features are
+within 3% relative L2 error of fp32 (measured ~1.5-1.8%: bfloat16 keeps 8 significant bits) and every training
+loss within 2% of fp32 (measured < 0.4%). docs/SPEED.md states the same tolerances.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("detectron2")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from detectron2.engine import DefaultPredictor  # noqa: E402
+from detectron2.modeling import GeneralizedRCNN, build_model  # noqa: E402
+from detectron2.utils.events import EventStorage  # noqa: E402
+
+from conftest import CONFIG_DIR, GN_FPN, REPO, TINY_OPTS  # noqa: E402
+from gn_det.config import get_gn_cfg  # noqa: E402
+from gn_det.modeling.random_inputs import random_detection_batch  # noqa: E402
+
+FAST = ["MODEL.PRECISION", "bf16", "MODEL.CHANNELS_LAST", "True"]
+SMALL_INPUT = ["INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "128", "MODEL.ROI_HEADS.NUM_CLASSES", "3",
+               "MODEL.RETINANET.NUM_CLASSES", "3", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "64",
+               "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32"]
+RETINANET = os.path.join(CONFIG_DIR, "COCO-Detection", "retinanet_R_50_FPN_3x_gn.yaml")
+FEATURE_RTOL = 0.03  # relative L2 error of each FPN level
+LOSS_RTOL = 0.02
+
+
+def tiny_cfg(*opts, config=GN_FPN):
+    return get_gn_cfg(config, TINY_OPTS + SMALL_INPUT + list(opts))
+
+
+def build(*opts, config=GN_FPN):
+    torch.manual_seed(0)
+    return build_model(tiny_cfg(*opts, config=config))
+
+
+def fp32_and_fast(config=GN_FPN):
+    """An fp32 model and a bf16 + channels_last model with the same weights."""
+    reference = build(config=config)
+    fast = build(*FAST, config=config)
+    fast.load_state_dict(reference.state_dict())
+    return reference, fast
+
+
+def training_losses(model, batch, seed=0):
+    model.train()
+    torch.manual_seed(seed)  # same proposal/anchor sampling for both models
+    with EventStorage():
+        return model(batch)
+
+
+def record_stem_input(model, conv):
+    """Forward hook on ``conv`` recording the dtype and layout it computes with."""
+    seen = []
+
+    def hook(module, inputs, output):
+        seen.append((output.dtype, inputs[0].is_contiguous(memory_format=torch.channels_last)))
+
+    conv.register_forward_hook(hook)
+    return seen
+
+
+def assert_float_fields(instances):
+    for name, value in instances.get_fields().items():
+        tensor = getattr(value, "tensor", value)
+        if tensor.is_floating_point():
+            assert tensor.dtype == torch.float32, name
+        else:
+            assert tensor.dtype in (torch.bool, torch.int64), name
+
+
+def test_fast_backbone_features_match_fp32():
+    reference, fast = fp32_and_fast()
+    batch = random_detection_batch(num_images=2, height=128, width=128)
+    with torch.no_grad():
+        expected = reference.backbone(reference.preprocess_image(batch).tensor)
+        with fast.precision_context():
+            images = fast.preprocess_image(batch).tensor
+            assert images.is_contiguous(memory_format=torch.channels_last)
+            features = fast.backbone(images)
+    assert set(features) == set(expected) == {"p2", "p3", "p4", "p5", "p6"}
+    for level, feature in features.items():
+        assert feature.dtype == torch.bfloat16, level
+        error = (feature.float() - expected[level]).norm() / expected[level].norm()
+        assert error < FEATURE_RTOL, (level, error.item())
+
+
+def test_fast_training_losses_match_fp32_and_are_float32():
+    reference, fast = fp32_and_fast()
+    batch = random_detection_batch(num_images=2, height=128, width=128)
+    expected = training_losses(reference, batch)
+    losses = training_losses(fast, batch)
+    assert set(losses) == set(expected)
+    for name, loss in losses.items():
+        assert loss.dtype == torch.float32, name
+        assert abs(loss.item() - expected[name].item()) <= LOSS_RTOL * abs(expected[name].item()), name
+    sum(losses.values()).backward()
+    grads = [p.grad for p in fast.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 for g in grads)  # float32 weights get float32 gradients
+
+
+def test_fast_inference_outputs_are_float32():
+    model = build(*FAST)
+    model.eval()
+    batch = [{"image": torch.rand(3, 96, 128) * 255, "height": 96, "width": 128}]
+    with torch.no_grad():
+        (result,) = model(batch)
+        (raw,) = model.inference(batch, do_postprocess=False)
+    assert len(result["instances"]) > 0
+    assert_float_fields(result["instances"])
+    assert result["instances"].pred_masks.dtype == torch.bool
+    assert_float_fields(raw)  # unthresholded mask probabilities included
+    assert raw.pred_masks.dtype == torch.float32
+
+
+def test_fp32_default_is_stock_generalized_rcnn():
+    ours = build()
+    assert type(ours).__name__ == "GNGeneralizedRCNN" and ours.precision == "fp32" and not ours.channels_last
+    stock = build("MODEL.META_ARCHITECTURE", "GeneralizedRCNN")
+    assert type(stock) is GeneralizedRCNN
+    stock.load_state_dict(ours.state_dict())
+    batch = [{"image": torch.rand(3, 96, 128) * 255, "height": 96, "width": 128}]
+    with torch.no_grad():
+        ours_out = ours.eval()(batch)[0]["instances"]
+        stock_out = stock.eval()(batch)[0]["instances"]
+    assert torch.equal(ours_out.pred_boxes.tensor, stock_out.pred_boxes.tensor)
+    assert torch.equal(ours_out.scores, stock_out.scores)
+    assert torch.equal(ours_out.pred_masks, stock_out.pred_masks)
+
+
+def test_channels_last_keeps_state_dict_names_and_loads_checkpoints():
+    reference = build()
+    fast = build("MODEL.CHANNELS_LAST", "True")
+    assert list(fast.state_dict()) == list(reference.state_dict())
+    conv_weights = [p for p in fast.parameters() if p.dim() == 4]
+    assert conv_weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in conv_weights)
+    fast.load_state_dict(reference.state_dict())  # an NCHW checkpoint loads; the layout stays channels_last
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in conv_weights)
+    for (name, value), expected in zip(fast.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(value, expected), name
+
+
+def test_fp16_on_cpu_is_a_one_line_error():
+    with pytest.raises(ValueError, match="MODEL.PRECISION='fp16' needs a CUDA device") as error:
+        build("MODEL.PRECISION", "fp16")
+    assert "\n" not in str(error.value)
+
+
+def test_unknown_precision_is_an_error_naming_the_key():
+    with pytest.raises(ValueError, match=r"MODEL.PRECISION='float16' is not a precision; choose one of") as error:
+        build("MODEL.PRECISION", "float16")
+    assert "\n" not in str(error.value)
+
+
+def test_default_predictor_gets_the_switches():
+    predictor = DefaultPredictor(tiny_cfg(*FAST))  # build_model + eval + checkpoint load, as users do
+    stem = record_stem_input(predictor.model, predictor.model.backbone.bottom_up.stem.conv1)
+    image = np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)  # BGR, HWC
+    result = predictor(image)
+    assert stem == [(torch.bfloat16, True)]
+    assert result["instances"].image_size == (96, 128)
+    assert_float_fields(result["instances"])
+
+
+def test_retinanet_honours_the_switches():
+    reference, fast = fp32_and_fast(config=RETINANET)
+    assert type(fast).__name__ == "GNRetinaNet"
+    assert list(fast.state_dict()) == list(reference.state_dict())
+    stem = record_stem_input(fast, fast.backbone.bottom_up.stem.conv1)
+    batch = random_detection_batch(num_images=2, height=128, width=128)
+    expected = training_losses(reference, batch)
+    losses = training_losses(fast, batch)
+    assert stem == [(torch.bfloat16, True)]
+    for name, loss in losses.items():
+        assert loss.dtype == torch.float32, name
+        assert abs(loss.item() - expected[name].item()) <= LOSS_RTOL * abs(expected[name].item()), name
+    fast.eval()
+    with torch.no_grad():
+        (result,) = fast([{"image": torch.rand(3, 96, 128) * 255, "height": 96, "width": 128}])
+    assert_float_fields(result["instances"])
+
+
+def test_benchmark_tool_smoke(tmp_path):
+    output = tmp_path / "benchmark.json"
+    tiny = ["MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.ROI_HEADS.NUM_CLASSES", "3",
+            "MODEL.RPN.POST_NMS_TOPK_TRAIN", "64", "MODEL.RPN.POST_NMS_TOPK_TEST", "64",
+            "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32", "TEST.DETECTIONS_PER_IMAGE", "10"]
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "benchmark.py"), "--size", "128", "--images", "1",
+         "--warmup", "1", "--repeats", "1", "--variants", "d2_gn_fp32", "gn_fast", "--output", str(output),
+         "--config", *tiny],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("|")]
+    wall, cpu = rows[:4], rows[4:]  # the wall-clock table, then the same runs in CPU time
+    assert "train s/iter" in wall[0] and "infer s/img" in wall[0] and "peak MiB (train)" in wall[0]
+    assert "train cpu-s/iter" in cpu[0]
+    for table in (wall, cpu):
+        assert [row.split("|")[1].strip() for row in table[2:]] == ["d2_gn_fp32", "gn_fast"]
+    report = json.loads(output.read_text())
+    assert list(report["variants"]) == ["d2_gn_fp32", "gn_fast"] and report["baseline"] == "d2_gn_fp32"
+    for result in report["variants"].values():
+        assert result["train_s_per_iter"] > 0 and result["infer_s_per_image"] > 0 and result["train_peak_mib"] > 0
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_sparse_matrix_roi_align_equals_detectron2_roi_align(aligned, sampling_ratio, channels_last):
+    from detectron2.layers import ROIAlign
+
+    from gn_det.modeling.meta_arch import SparseMatrixROIAlign
+
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(2, 8, 25, 31, generator=gen)
+    x0, y0 = torch.rand(40, generator=gen) * 140 - 20, torch.rand(40, generator=gen) * 110  # some cross borders
+    size = torch.rand(40, 2, generator=gen) * 70
+    rois = torch.stack([torch.randint(0, 2, (40,), generator=gen).float(), x0, y0, x0 + size[:, 0], y0 + size[:, 1]], 1)
+    expected_in = features.clone().requires_grad_()
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    ours_in = features.contiguous(memory_format=layout).requires_grad_()
+    expected = ROIAlign((7, 7), 0.25, sampling_ratio, aligned)(expected_in, rois)
+    ours = SparseMatrixROIAlign((7, 7), 0.25, sampling_ratio, aligned)(ours_in, rois)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    ours.backward(grad)
+    torch.testing.assert_close(ours_in.grad, expected_in.grad, rtol=0, atol=1e-5)
+
+
+def test_fast_path_pools_with_sparse_matrix_roi_align():
+    from gn_det.modeling.meta_arch import SparseMatrixROIAlign
+
+    def poolers(model):
+        return [type(m).__name__ for m in model.roi_heads.modules() if "ROIAlign" in type(m).__name__]
+
+    assert set(poolers(build())) == {"ROIAlign"}  # fp32 default: detectron2's own
+    assert set(poolers(build(*FAST))) == {SparseMatrixROIAlign.__name__}
+    assert set(poolers(build("MODEL.PRECISION", "bf16"))) == {SparseMatrixROIAlign.__name__}

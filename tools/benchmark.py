@@ -1,0 +1,37 @@
+#!/usr/bin/env python3
+"""Train s/iter, inference s/image and peak memory of stock detectron2 GN Mask R-CNN vs gn-det's variants.
+
+    python3 tools/benchmark.py --size 512 --images 2 --warmup 1 --repeats 3 --output benchmark.json
+
+Each variant runs in its own subprocess; see gn_det/analysis/benchmark.py for what is measured and how.
+"""
+import json
+import sys
+
+from gn_det.analysis.benchmark import build_parser, markdown_table, run_benchmark
+
+
+def main(argv):
+    args = build_parser().parse_args(argv)
+    print(f"benchmark: {args.variants} at {args.size}px, {args.images} images, "
+          f"warmup {args.warmup}, repeats {args.repeats}, device {args.device}, threads {args.threads or 'default'}",
+          flush=True)
+
+    def report_progress(name, result):
+        print(f"  {name}: train {result['train_s_per_iter']:.3f} s/iter, "
+              f"infer {result['infer_s_per_image']:.3f} s/image, peak {result['train_peak_mib']:.0f} MiB",
+              flush=True)
+
+    report = run_benchmark(args, argv, on_result=report_progress)
+    print()
+    print(markdown_table(report))
+    print("\nThe same runs in process CPU time (less sensitive to other processes on the machine):\n")
+    print(markdown_table(report, clock="cpu"))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"\nwrote {args.output}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
