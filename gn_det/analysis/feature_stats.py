@@ -10,6 +10,8 @@ import os
 
 import torch
 
+from gn_det.fileio import write_json_atomically
+
 FEATURE_STATS_FILE = "feature_stats.json"
 PERCENTILES = (1, 20, 80, 99)  # Figure 3's
 # torch.quantile refuses inputs above 2**24 elements, and sorting millions of values every few iterations would
@@ -36,12 +38,7 @@ def read_feature_stats(run_dir):
 
 def write_feature_stats(run_dir, stats):
     """Write ``stats`` atomically, so a run killed mid-write keeps the previous file."""
-    os.makedirs(run_dir, exist_ok=True)
-    path = os.path.join(run_dir, FEATURE_STATS_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(stats, f, indent=1)
-    os.replace(tmp, path)
+    write_json_atomically(os.path.join(run_dir, FEATURE_STATS_FILE), stats, indent=1)
 
 
 def plot_feature_stats(runs, path, columns=4, share_y=True):

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 # Bump whenever the generator's output changes: the cache folder is named after it, so an old cache is
 # never mistaken for the current dataset.
-SHAPES_VERSION = 1
+SHAPES_VERSION = 2
 SHAPES_CLASSES = ("circle", "rectangle", "triangle")  # COCO category ids 1, 2, 3
 SHAPES_SPLITS = ("train", "val")
 DEFAULT_NUM_TRAIN = 500
@@ -173,19 +173,21 @@ def render_image(rng, image_size):
 
 
 def background(rng, image_size):
-    """A float HxWx3 background: a linear gradient between two random colours, or smooth colour noise."""
+    """A float HxWx3 background: a linear gradient between two random colours, in half the images overlaid
+    with faint smooth colour blobs (30% amplitude), so the background varies without looking like shapes."""
+    angle = rng.uniform(0, 2 * np.pi)
+    y, x = np.mgrid[0:image_size, 0:image_size] / (image_size - 1)
+    t = x * np.cos(angle) + y * np.sin(angle)
+    t = (t - t.min()) / (t.max() - t.min())
+    start, end = rng.uniform(0, 255, size=(2, 3))
+    gradient = start + t[..., None] * (end - start)
     if rng.random() < 0.5:
-        angle = rng.uniform(0, 2 * np.pi)
-        y, x = np.mgrid[0:image_size, 0:image_size] / (image_size - 1)
-        t = x * np.cos(angle) + y * np.sin(angle)
-        t = (t - t.min()) / (t.max() - t.min())
-        start, end = rng.uniform(0, 255, size=(2, 3))
-        return start + t[..., None] * (end - start)
+        return gradient
     # Random colours on a coarse grid, upsampled bicubically into soft blobs.
     cells = int(rng.integers(3, 9))
     grid = rng.integers(0, 256, size=(cells, cells, 3), dtype=np.uint8)
-    blobs = Image.fromarray(grid).resize((image_size, image_size), Image.BICUBIC)
-    return np.asarray(blobs, dtype=np.float64)
+    blobs = np.asarray(Image.fromarray(grid).resize((image_size, image_size), Image.BICUBIC), dtype=np.float64)
+    return 0.7 * gradient + 0.3 * blobs
 
 
 def shape_mask(rng, category, image_size):

@@ -1,6 +1,5 @@
 """gn-det's trainer: detectron2's DefaultTrainer with the paper's optimizer recipe, COCO evaluation,
 results written as JSON, and CPU-friendly distributed training."""
-import json
 import logging
 import os
 import resource
@@ -15,6 +14,7 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from gn_det.fileio import write_json_atomically
 from gn_det.solver import build_gn_optimizer
 
 logger = logging.getLogger(__name__)
@@ -106,10 +106,6 @@ class GNTrainer(DefaultTrainer):
 
 def write_results(output_dir, results):
     """Write evaluation results to ``output_dir/results.json`` atomically (a crash never leaves half a file)."""
-    os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, RESULTS_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(tmp, path)
+    write_json_atomically(path, results)
     logger.info("Evaluation results written to %s", path)
