@@ -117,17 +117,19 @@ def test_shapes_root_follows_cache_env(monkeypatch, tmp_path):
     assert shapes.shapes_root() == os.path.join(str(tmp_path), f"shapes_v{shapes.SHAPES_VERSION}")
     monkeypatch.delenv("GN_DET_CACHE")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert shapes.shapes_root() == os.path.join(str(tmp_path), "home", ".cache", "gn_det", "shapes_v1")
+    assert shapes.shapes_root() == os.path.join(str(tmp_path), "home", ".cache", "gn_det",
+                                                 f"shapes_v{shapes.SHAPES_VERSION}")
 
 
 def test_ensure_shapes_generates_once_into_the_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("GN_DET_CACHE", str(tmp_path))
     # A generation that was killed leaves a partial folder: it must not count, and is cleaned up.
-    stale = tmp_path / "shapes_v1.partial-999999"
+    folder = f"shapes_v{shapes.SHAPES_VERSION}"
+    stale = tmp_path / f"{folder}.partial-999999"
     (stale / "train").mkdir(parents=True)
     root = shapes.ensure_shapes(num_train=3, num_val=2, image_size=64)
     assert root == shapes.shapes_root() and shapes.is_complete(root)
-    assert sorted(os.listdir(tmp_path)) == ["shapes_v1", "shapes_v1.lock"]
+    assert sorted(os.listdir(tmp_path)) == [folder, f"{folder}.lock"]
     assert len(os.listdir(os.path.join(root, "train"))) == 3
     before = tree_bytes(root)
     assert shapes.ensure_shapes(num_train=5) == root  # already there: not generated again
@@ -303,7 +305,8 @@ def test_shapes_are_registered_lazily_at_import(d2, tmp_path):
     code = (
         "import os, sys, gn_det.data; from detectron2.data import DatasetCatalog, MetadataCatalog; "
         "assert {'shapes_train', 'shapes_val'} <= set(DatasetCatalog.list()); "
-        "assert MetadataCatalog.get('shapes_val').json_file == os.path.join(sys.argv[1], 'shapes_v1', 'val.json'); "
+        f"assert MetadataCatalog.get('shapes_val').json_file == os.path.join(sys.argv[1], "
+        f"'shapes_v{shapes.SHAPES_VERSION}', 'val.json'); "
         "assert os.listdir(sys.argv[1]) == []"
     )
     env = dict(os.environ, GN_DET_CACHE=str(tmp_path))
