@@ -53,14 +53,19 @@ def _final_results(path):
 
 
 def _read_metrics(path):
-    """detectron2's metrics.json: one JSON object per line; a line cut by a killed run is skipped."""
+    """detectron2's metrics.json: one JSON object per line; a line cut by a killed run is skipped.
+
+    detectron2 appends to the file, so a run resumed (or restarted) in the same folder logs iterations again;
+    when the iteration goes back, the earlier lines from that iteration on are superseded and dropped.
+    """
     rows = []
     with open(path) as f:
         for line in f:
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            rows = [r for r in rows if r.get("iteration", -1) < row.get("iteration", -1)] + [row]
     return rows
 
 
