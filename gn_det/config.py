@@ -19,6 +19,9 @@ NORM_SITE_KEYS = (
     "MODEL.RETINANET.NORM",
 )
 
+# gn-det's meta-architectures, the ones that apply MODEL.PRECISION and MODEL.CHANNELS_LAST.
+SWITCH_AWARE_META_ARCHITECTURES = ("GNGeneralizedRCNN", "GNRetinaNet")
+
 
 def add_gn_config(cfg):
     """Add gn-det's keys (with their defaults) to a detectron2 config, in place."""
@@ -95,6 +98,14 @@ def check_gn_config(cfg, source="config"):
         raise ValueError(f"{source}: MODEL.GN.DIM_PER_GROUP={gn.DIM_PER_GROUP} must be -1 (off) or >= 1")
     if not gn.EPS > 0:
         raise ValueError(f"{source}: MODEL.GN.EPS={gn.EPS} must be > 0")
+    fast = cfg.MODEL.PRECISION != "fp32" or cfg.MODEL.CHANNELS_LAST
+    if fast and cfg.MODEL.META_ARCHITECTURE not in SWITCH_AWARE_META_ARCHITECTURES:
+        # detectron2's own meta-architectures would silently ignore both switches
+        raise ValueError(
+            f"{source}: MODEL.PRECISION={cfg.MODEL.PRECISION!r} / MODEL.CHANNELS_LAST={cfg.MODEL.CHANNELS_LAST} "
+            f"need MODEL.META_ARCHITECTURE in {SWITCH_AWARE_META_ARCHITECTURES}, not "
+            f"{cfg.MODEL.META_ARCHITECTURE!r}"
+        )
     for key in NORM_SITE_KEYS:
         value = select(cfg, key)
         if isinstance(value, str) and value not in NORM_NAMES:

@@ -120,3 +120,8 @@ def test_unknown_key_fails_at_config_load(tmp_path):
 def test_bad_group_values_name_the_key(key, value):
     with pytest.raises(ValueError, match=key.replace(".", r"\.") + "=" + value):
         get_gn_cfg(GN_FPN, [key, value])
+
+
+def test_fast_switches_on_a_stock_meta_architecture_fail_at_config_load():
+    with pytest.raises(ValueError, match=r"command line: MODEL.PRECISION='bf16' .* not 'GeneralizedRCNN'"):
+        get_gn_cfg(None, ["MODEL.META_ARCHITECTURE", "GeneralizedRCNN", "MODEL.PRECISION", "bf16"])
