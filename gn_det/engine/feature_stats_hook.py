@@ -6,6 +6,7 @@ that hook, and :func:`train_with_feature_stats` the body of ``tools/feature_stat
 training forward costs no extra forward pass and measures exactly the features the norms normalize in training.
 """
 import difflib
+import functools
 import os
 
 import torch
@@ -23,7 +24,7 @@ from gn_det.analysis.feature_stats import (
     write_feature_stats,
 )
 
-from .setup import check_converted_weights, setup, train_or_evaluate
+from .setup import train_or_evaluate
 from .trainer import GNTrainer
 
 WHERE = ("output", "input")
@@ -146,11 +147,6 @@ class FeatureStatsTrainer(GNTrainer):
 def train_with_feature_stats(args):
     """tools/train_net.py's ``train_or_evaluate`` with :class:`FeatureStatsTrainer`; ``args`` also carry
     ``layer``, ``where`` and ``period``. ``--eval-only`` evaluates as train_net does (nothing to record)."""
-    if args.eval_only:
-        return train_or_evaluate(args)
-    cfg = setup(args)
-    trainer = FeatureStatsTrainer(cfg, args.layer, args.where, args.period)
-    if not (args.resume and trainer.checkpointer.has_checkpoint()):
-        check_converted_weights(cfg, getattr(trainer.model, "module", trainer.model))  # unwrap DDP
-    trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    return train_or_evaluate(
+        args, functools.partial(FeatureStatsTrainer, layer=args.layer, where=args.where, period=args.period)
+    )

@@ -88,14 +88,16 @@ def check_converted_weights(cfg, model):
         check_weights_for_model(model, checkpoint, cfg, name=path)
 
 
-def train_or_evaluate(args):
-    """The body of tools/train_net.py, run in every process by detectron2's ``launch``."""
+def train_or_evaluate(args, make_trainer=GNTrainer):
+    """The body of tools/train_net.py, run in every process by detectron2's ``launch``.
+
+    ``make_trainer(cfg)`` builds the trainer (a GNTrainer subclass for tools that add hooks)."""
     cfg = setup(args)
     if args.eval_only:
         model = GNTrainer.build_model(cfg)
         DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         return GNTrainer.test(cfg, model)
-    trainer = GNTrainer(cfg)
+    trainer = make_trainer(cfg)
     if not (args.resume and trainer.checkpointer.has_checkpoint()):
         check_converted_weights(cfg, getattr(trainer.model, "module", trainer.model))  # unwrap DDP
     trainer.resume_or_load(resume=args.resume)
