@@ -217,7 +217,7 @@ def test_benchmark_tool_smoke(tmp_path):
 def test_sparse_matrix_roi_align_equals_detectron2_roi_align(aligned, sampling_ratio, channels_last):
     from detectron2.layers import ROIAlign
 
-    from gn_det.modeling.meta_arch import SparseMatrixROIAlign
+    from gn_det.layers import SparseMatrixROIAlign
 
     gen = torch.Generator().manual_seed(0)
     features = torch.randn(2, 8, 25, 31, generator=gen)
@@ -237,7 +237,7 @@ def test_sparse_matrix_roi_align_equals_detectron2_roi_align(aligned, sampling_r
 
 
 def test_fast_path_pools_with_sparse_matrix_roi_align():
-    from gn_det.modeling.meta_arch import SparseMatrixROIAlign
+    from gn_det.layers import SparseMatrixROIAlign
 
     def poolers(model):
         return [type(m).__name__ for m in model.roi_heads.modules() if "ROIAlign" in type(m).__name__]

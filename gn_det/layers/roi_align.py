@@ -1,0 +1,104 @@
+"""ROIAlign as a sparse x dense matrix product: the CPU fast path's pooler (numbers: docs/SPEED.md)."""
+import torch
+from torch.nn import functional as F
+from torch.nn.modules.utils import _pair
+
+from detectron2.layers import ROIAlign
+
+
+def roi_align_sampling_matrix(rois, spatial_scale, output_size, sampling_ratio, aligned, feature_shape):
+    """ROIAlign as a sparse matrix: (rows, cols, weights) with 4 entries per sampling point.
+
+    Row ``r * PH * PW + ph * PW + pw`` is output bin (ph, pw) of roi r, column ``(n * H + y) * W + x`` is pixel
+    (y, x) of image n. The sampling points, their validity and bilinear weights are those of torchvision's
+    CPU/CUDA kernel (adaptive ``ceil(roi_size / bins)`` points per bin when ``sampling_ratio`` is 0), each
+    weight already divided by its bin's point count. Rows come out in non-decreasing order.
+    """
+    _, _, height, width = feature_shape
+    bins_h, bins_w = output_size
+    offset = 0.5 if aligned else 0.0
+    num_rois = rois.shape[0]
+    image = rois[:, 0].long()
+    start_w = rois[:, 1] * spatial_scale - offset
+    start_h = rois[:, 2] * spatial_scale - offset
+    roi_w = rois[:, 3] * spatial_scale - offset - start_w
+    roi_h = rois[:, 4] * spatial_scale - offset - start_h
+    if not aligned:  # the legacy kernel makes every roi at least 1x1
+        roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
+    bin_w, bin_h = roi_w / bins_w, roi_h / bins_h
+    if sampling_ratio > 0:
+        grid_h = grid_w = torch.full((num_rois,), sampling_ratio, dtype=torch.long, device=rois.device)
+    else:
+        grid_h = torch.ceil(roi_h / bins_h).long().clamp(min=0)
+        grid_w = torch.ceil(roi_w / bins_w).long().clamp(min=0)
+    points_per_roi = bins_h * bins_w * grid_h * grid_w
+    roi = torch.repeat_interleave(torch.arange(num_rois, device=rois.device), points_per_roi)
+    local = torch.arange(roi.numel(), device=rois.device) - (torch.cumsum(points_per_roi, 0) - points_per_roi)[roi]
+    # local = ((ph * bins_w + pw) * grid_h + iy) * grid_w + ix, the kernel's loop order
+    gh, gw = grid_h[roi], grid_w[roi]
+    ix, rest = local % gw, local // gw
+    iy, rest = rest % gh, rest // gh
+    pw, ph = rest % bins_w, rest // bins_w
+    # same operations in the same order as the kernel, so the points agree to the last float32 bit
+    y = start_h[roi] + ph * bin_h[roi] + (iy + 0.5) * bin_h[roi] / gh
+    x = start_w[roi] + pw * bin_w[roi] + (ix + 0.5) * bin_w[roi] / gw
+    inside = ~((y < -1.0) | (y > height) | (x < -1.0) | (x > width))
+    y, x = y.clamp(min=0.0), x.clamp(min=0.0)
+    y_low, x_low = y.long(), x.long()
+    y_edge, x_edge = y_low >= height - 1, x_low >= width - 1
+    y_low = torch.where(y_edge, height - 1, y_low)
+    x_low = torch.where(x_edge, width - 1, x_low)
+    y_high = torch.where(y_edge, height - 1, y_low + 1)
+    x_high = torch.where(x_edge, width - 1, x_low + 1)
+    ly = torch.where(y_edge, 0.0, y - y_low)
+    lx = torch.where(x_edge, 0.0, x - x_low)
+    hy, hx = 1.0 - ly, 1.0 - lx
+    scale = inside.to(y.dtype) / (grid_h * grid_w).clamp(min=1)[roi]
+    weights = torch.stack([hy * hx, hy * lx, ly * hx, ly * lx], dim=1) * scale[:, None]
+    row_low = (image[roi] * height + y_low) * width
+    row_high = (image[roi] * height + y_high) * width
+    cols = torch.stack([row_low + x_low, row_low + x_high, row_high + x_low, row_high + x_high], dim=1)
+    rows = roi * (bins_h * bins_w) + ph * bins_w + pw
+    return rows, cols.flatten(), weights.flatten()
+
+
+class SparseMatrixROIAlign(ROIAlign):
+    """detectron2's ROIAlign computed as one sparse x dense matrix product per feature level.
+
+    Each output bin is a weighted sum of feature pixels (torchvision's sampling points and bilinear weights,
+    see :func:`roi_align_sampling_matrix`), so ROIAlign is ``(R*PH*PW, N*H*W) @ (N*H*W, C)``, run by
+    ``F.embedding_bag`` over the NHWC feature rows (a view of channels_last features); autograd's backward is
+    the transposed product. On CPU it is several times faster than torchvision's kernel, whose backward is a
+    single-threaded loop that recomputes the bilinear weights for every channel (numbers: docs/SPEED.md).
+    It always pools in float32 from float32 boxes: detectron2's ROIAlign casts the boxes to the feature
+    dtype, which under bf16 autocast rounds coordinates to 2 px steps between 256 and 512 px. Outputs equal
+    torchvision's up to float32 summation order (~1e-6); the result has the input's dtype, as with
+    torchvision's autocast wrapper.
+    """
+
+    def forward(self, input, rois):
+        bins_h, bins_w = _pair(self.output_size)
+        rows, cols, weights = roi_align_sampling_matrix(
+            rois.detach().float(), self.spatial_scale, (bins_h, bins_w), self.sampling_ratio, self.aligned,
+            input.shape,
+        )
+        num_rows = rois.shape[0] * bins_h * bins_w
+        entries_per_row = torch.bincount(rows, minlength=num_rows) * 4
+        pixels = input.permute(0, 2, 3, 1).reshape(-1, input.shape[1]).float()  # a view when channels_last
+        pooled = F.embedding_bag(cols, pixels, torch.cumsum(entries_per_row, 0) - entries_per_row, mode="sum",
+                                 per_sample_weights=weights)
+        pooled = pooled.view(-1, bins_h, bins_w, input.shape[1]).permute(0, 3, 1, 2)
+        return pooled.to(input.dtype, memory_format=torch.contiguous_format)  # NCHW, as torchvision's
+
+
+def use_sparse_matrix_roi_align(model):
+    """Replace every detectron2 ROIAlign module of ``model`` (ROI heads' poolers) by SparseMatrixROIAlign.
+
+    ROIAlign has no parameters or buffers, so the state dict is unchanged.
+    """
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if type(child) is ROIAlign:
+                setattr(module, name, SparseMatrixROIAlign(
+                    child.output_size, child.spatial_scale, child.sampling_ratio, child.aligned))
+    return model
