@@ -65,7 +65,10 @@ def _read_metrics(path):
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            rows = [r for r in rows if r.get("iteration", -1) < row.get("iteration", -1)] + [row]
+            # rows stay in increasing iteration order, so the superseded lines are a suffix
+            while rows and rows[-1].get("iteration", -1) >= row.get("iteration", -1):
+                rows.pop()
+            rows.append(row)
     return rows
 
 
