@@ -5,10 +5,10 @@
 
 Each variant runs in its own subprocess; see gn_det/analysis/benchmark.py for what is measured and how.
 """
-import json
 import sys
 
 from gn_det.analysis.benchmark import build_parser, markdown_table, run_benchmark
+from gn_det.fileio import write_json_atomically
 
 
 def main(argv):
@@ -28,8 +28,7 @@ def main(argv):
     print("\nThe same runs in process CPU time (less sensitive to other processes on the machine):\n")
     print(markdown_table(report, clock="cpu"))
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump(report, f, indent=2)
+        write_json_atomically(args.output, report)
         print(f"\nwrote {args.output}")
 
 

@@ -28,6 +28,7 @@ from gn_det.checkpoint.convert import (
     convert_weights,
 )
 from gn_det.data import SHAPES_CLASSES, ensure_shapes, shapes_root
+from gn_det.fileio import write_json_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -199,8 +200,7 @@ def pretrain_and_save(norm, data_root, path, **train_kwargs):
     summary = {"norm": norm, "data_root": os.path.abspath(data_root), "train_crops": result.num_train_crops,
                "val_crops": len(val[1]), "val_accuracy": result.val_accuracy, "final_train_loss": result.train_loss,
                "seconds": result.seconds, **train_kwargs}
-    with open(summary_path(path), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_json_atomically(summary_path(path), summary)
     tmp = path + ".tmp"
     torch.save(result.model.state_dict(), tmp)
     os.replace(tmp, path)  # last and atomic: the protocol takes an existing state dict as finished

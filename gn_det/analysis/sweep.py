@@ -18,6 +18,7 @@ from typing import List, Optional
 
 from tabulate import tabulate
 
+from ..fileio import write_json_atomically
 from .runs import Run
 
 RESULTS_FILE = "results.json"  # written by GNTrainer.test after each evaluation
@@ -201,9 +202,8 @@ def run_sweep(cells, out_dir, config_file, train_command, opts=(), cuda_devices=
             detail = "started with other options; delete the folder to train it again" if changed else ""
             yield CellReport(cell, run_dir, "finished", detail)
             continue
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, CELL_FILE), "w") as f:
-            json.dump({"cell": cell.name, "opts": command_opts(command), "command": command}, f, indent=2)
+        write_json_atomically(os.path.join(run_dir, CELL_FILE),
+                              {"cell": cell.name, "opts": command_opts(command), "command": command})
         resuming = has_checkpoint(run_dir)
         yield CellReport(cell, run_dir, "started", "resuming from its last checkpoint" if resuming else "")
         error, seconds = train_in_subprocess(command, run_dir)
