@@ -245,3 +245,62 @@ def test_fast_path_pools_with_sparse_matrix_roi_align():
     assert set(poolers(build())) == {"ROIAlign"}  # fp32 default: detectron2's own
     assert set(poolers(build(*FAST))) == {SparseMatrixROIAlign.__name__}
     assert set(poolers(build("MODEL.PRECISION", "bf16"))) == {SparseMatrixROIAlign.__name__}
+
+
+def random_box_predictions(num_proposals, num_classes, stacked, seed=0):
+    """Per-class boxes (R x 4K) and softmax scores (R x K+1). ``stacked``: every box is the same one, so NMS
+    keeps one per class; else random boxes over a 400 px square."""
+    generator = torch.Generator().manual_seed(seed)
+    if stacked:
+        boxes = torch.tensor([100.0, 100.0, 150.0, 150.0]).repeat(num_proposals, num_classes)
+    else:
+        corners = torch.rand(num_proposals, num_classes, 2, generator=generator) * 400
+        sizes = torch.rand(num_proposals, num_classes, 2, generator=generator) * 40 + 20
+        boxes = torch.cat([corners, corners + sizes], dim=2).flatten(1)
+    scores = torch.randn(num_proposals, num_classes + 1, generator=generator).softmax(dim=1)
+    return boxes, scores
+
+
+def detections(result):
+    instances, kept = result
+    return instances.pred_boxes.tensor, instances.scores, instances.pred_classes, kept
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_top_scores_first_nms_equals_detectron2(monkeypatch, stacked):
+    """Same detections as detectron2's fast_rcnn_inference_single_image, whether the first 4 x topk pairs are
+    enough (random boxes) or NMS leaves too few and the subset grows to the full run (stacked boxes: one
+    survivor per class, 10 in all)."""
+    from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference_single_image
+
+    import gn_det.modeling.box_predictor as box_predictor
+
+    thresholds = []
+
+    def recording(boxes, scores, image_shape, score_thresh, *args):
+        thresholds.append(score_thresh)
+        return fast_rcnn_inference_single_image(boxes, scores, image_shape, score_thresh, *args)
+
+    monkeypatch.setattr(box_predictor, "fast_rcnn_inference_single_image", recording)
+    boxes, scores = random_box_predictions(300, 10, stacked)
+    for topk in (20, 100):
+        thresholds.clear()
+        ours = box_predictor.top_scores_first_inference_single_image(boxes, scores, (512, 512), 0.0, 0.5, topk)
+        expected = fast_rcnn_inference_single_image(boxes, scores, (512, 512), 0.0, 0.5, topk)
+        for got, want in zip(detections(ours), detections(expected)):
+            assert torch.equal(got, want)
+        if stacked:  # thresholds lowered until the full run at the configured 0.0
+            assert len(thresholds) > 1 and thresholds[-1] == 0.0 and thresholds == sorted(thresholds, reverse=True)
+        else:  # one NMS over the top 4 x topk pairs
+            assert len(thresholds) == 1 and thresholds[0] > 0.0, thresholds
+
+
+def test_fast_path_predicts_boxes_with_top_scores_first():
+    from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
+
+    from gn_det.modeling.box_predictor import TopScoresFirstOutputLayers
+
+    assert type(build().roi_heads.box_predictor) is FastRCNNOutputLayers  # fp32 default: detectron2's own
+    fast = build(*FAST)
+    assert type(fast.roi_heads.box_predictor) is TopScoresFirstOutputLayers
+    assert fast.state_dict().keys() == build().state_dict().keys()

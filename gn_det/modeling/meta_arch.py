@@ -17,6 +17,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.structures import Boxes, Instances, RotatedBoxes
 
 from ..layers.roi_align import use_sparse_matrix_roi_align
+from .box_predictor import use_top_scores_first_inference
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISIONS = ("fp32", *AUTOCAST_DTYPES)
@@ -55,7 +56,9 @@ class PrecisionLayoutMixin:
     every output to float32. ``MODEL.CHANNELS_LAST`` converts 4-D parameters to channels_last at build (names
     and values unchanged, so checkpoints load as usual) and feeds the backbone a channels_last batch, the
     layout oneDNN and cuDNN convolutions run fastest on. With either switch on, the ROI heads pool with
-    :class:`~gn_det.layers.SparseMatrixROIAlign` (same outputs, float32 boxes, NHWC-native and several times faster).
+    :class:`~gn_det.layers.SparseMatrixROIAlign` (same outputs, float32 boxes, NHWC-native and several times faster)
+    and the box predictor runs NMS on its top-scoring pairs first
+    (:class:`~gn_det.modeling.box_predictor.TopScoresFirstOutputLayers`, same detections).
     """
 
     @classmethod
@@ -75,6 +78,7 @@ class PrecisionLayoutMixin:
             self.to(memory_format=torch.channels_last)
         if precision != "fp32" or channels_last:
             use_sparse_matrix_roi_align(self)
+            use_top_scores_first_inference(self)
 
     def precision_context(self):
         """The autocast context the model computes in (a no-op for fp32)."""

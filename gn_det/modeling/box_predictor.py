@@ -1,0 +1,73 @@
+"""Box-predictor inference that runs NMS on the top-scoring candidates first: the fast path's (docs/SPEED.md).
+
+detectron2 runs per-class NMS over every (proposal, class) pair above ``MODEL.ROI_HEADS.SCORE_THRESH_TEST``
+(80,000 pairs per image for 1000 proposals x 80 classes at a low threshold) and then keeps the
+``TEST.DETECTIONS_PER_IMAGE`` best survivors. Greedy NMS decides a box by the higher-scoring boxes of its class
+alone, so NMS over the pairs above a score t decides those pairs exactly as NMS over all of them does, and
+every survivor above t outranks every pair below it. Once the pairs above t leave ``DETECTIONS_PER_IMAGE``
+survivors, those are the full run's detections, and the rest need no NMS.
+"""
+from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers, fast_rcnn_inference_single_image
+
+# Pairs that the first NMS runs on, per detection kept; each retry takes 4x more.
+FIRST_CANDIDATES_PER_DETECTION = 4
+GROWTH = 4
+
+
+def top_scores_first_inference_single_image(boxes, scores, image_shape, score_thresh, nms_thresh, topk_per_image):
+    """detectron2's ``fast_rcnn_inference_single_image`` (same arguments and results), run on the top-scoring
+    pairs first.
+
+    The subset is chosen through detectron2's own score threshold: t is the score that leaves at most
+    ``FIRST_CANDIDATES_PER_DETECTION * topk_per_image`` pairs strictly above it (so pairs with equal scores are
+    all in or all out). If NMS on them keeps fewer than ``topk_per_image`` detections, t is lowered to leave
+    ``GROWTH`` times more, down to ``score_thresh`` itself, which is the full run. Detections equal
+    detectron2's, except that detections with exactly equal scores may come in another order (detectron2's own
+    order among them depends on how many pairs torchvision's batched NMS sees).
+    """
+    if topk_per_image >= 0:
+        foreground = scores[:, :-1].flatten()  # the last column is background
+        candidates = FIRST_CANDIDATES_PER_DETECTION * max(topk_per_image, 1)
+        while candidates < foreground.numel():
+            thresh = foreground.topk(candidates + 1).values[-1].item()
+            if not thresh > score_thresh:  # also stops on NaN; the full run drops non-finite rows
+                break
+            result = fast_rcnn_inference_single_image(boxes, scores, image_shape, thresh, nms_thresh, topk_per_image)
+            if len(result[0]) >= topk_per_image:
+                return result
+            candidates *= GROWTH
+    return fast_rcnn_inference_single_image(boxes, scores, image_shape, score_thresh, nms_thresh, topk_per_image)
+
+
+class TopScoresFirstOutputLayers(FastRCNNOutputLayers):
+    """detectron2's FastRCNNOutputLayers whose inference runs NMS on the top-scoring pairs first.
+
+    Same parameters, losses and detections (see :func:`top_scores_first_inference_single_image`); only
+    ``inference`` differs.
+    """
+
+    def inference(self, predictions, proposals):
+        boxes = self.predict_boxes(predictions, proposals)
+        scores = self.predict_probs(predictions, proposals)
+        results = [
+            top_scores_first_inference_single_image(
+                boxes_per_image, scores_per_image, proposals_per_image.image_size, self.test_score_thresh,
+                self.test_nms_thresh, self.test_topk_per_image,
+            )
+            for boxes_per_image, scores_per_image, proposals_per_image in zip(boxes, scores, proposals)
+        ]
+        return [instances for instances, _ in results], [kept for _, kept in results]
+
+
+def use_top_scores_first_inference(model):
+    """Make every detectron2 FastRCNNOutputLayers of ``model`` a TopScoresFirstOutputLayers, in place.
+
+    The subclass adds no state, so the module keeps its parameters, names and settings; its class is swapped
+    the way ``torch.nn.utils.parametrize`` swaps a module's class, instead of rebuilding a predictor whose
+    constructor needs the config.
+    """
+    for module in model.modules():
+        if type(module) is FastRCNNOutputLayers:
+            module.__class__ = TopScoresFirstOutputLayers
+    return model
+
