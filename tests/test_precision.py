@@ -194,7 +194,8 @@ def test_benchmark_tool_smoke(tmp_path):
             "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32", "TEST.DETECTIONS_PER_IMAGE", "10"]
     proc = subprocess.run(
         [sys.executable, os.path.join(REPO, "tools", "benchmark.py"), "--size", "128", "--images", "1",
-         "--warmup", "1", "--repeats", "1", "--variants", "d2_gn_fp32", "gn_fast", "--output", str(output),
+         "--warmup", "1", "--repeats", "1", "--rounds", "2", "--variants", "d2_gn_fp32", "gn_fast",
+         "--output", str(output),
          "--config", *tiny],
         capture_output=True, text=True, cwd=tmp_path,
     )
@@ -207,8 +208,13 @@ def test_benchmark_tool_smoke(tmp_path):
         assert [row.split("|")[1].strip() for row in table[2:]] == ["d2_gn_fp32", "gn_fast"]
     report = json.loads(output.read_text())
     assert list(report["variants"]) == ["d2_gn_fp32", "gn_fast"] and report["baseline"] == "d2_gn_fp32"
+    assert report["settings"]["rounds"] == 2
     for result in report["variants"].values():
         assert result["train_s_per_iter"] > 0 and result["infer_s_per_image"] > 0 and result["train_peak_mib"] > 0
+        # each round is a fresh process with one timed iteration per phase; the report pools both rounds
+        for phase in ("train_times", "infer_times"):
+            assert len(result[phase]["wall_s"]) == len(result[phase]["cpu_s"]) == 2
+        assert result["train_s_per_iter"] == pytest.approx(sum(result["train_times"]["wall_s"]) / 2)
 
 
 @pytest.mark.parametrize("aligned", [True, False])

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Train s/iter, inference s/image and peak memory of stock detectron2 GN Mask R-CNN vs gn-det's variants.
 
-    python3 tools/benchmark.py --size 512 --images 2 --warmup 1 --repeats 3 --output benchmark.json
+    python3 tools/benchmark.py --size 512 --images 2 --warmup 1 --repeats 3 --rounds 3 --output benchmark.json
 
 Each variant runs in its own subprocess; see gn_det/analysis/benchmark.py for what is measured and how.
 """
@@ -13,8 +13,8 @@ from gn_det.fileio import write_json_atomically
 
 def main(argv):
     args = build_parser().parse_args(argv)
-    print(f"benchmark: {args.variants} at {args.size}px, {args.images} images, "
-          f"warmup {args.warmup}, repeats {args.repeats}, device {args.device}, threads {args.threads or 'default'}",
+    print(f"benchmark: {args.variants} at {args.size}px, {args.images} images, warmup {args.warmup}, "
+          f"repeats {args.repeats}, rounds {args.rounds}, device {args.device}, threads {args.threads or 'default'}",
           flush=True)
 
     def report_progress(name, result):

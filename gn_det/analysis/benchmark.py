@@ -48,6 +48,9 @@ def build_parser():
     parser.add_argument("--images", type=int, default=2, help="images per training iteration and per inference call")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations before timing, per phase")
     parser.add_argument("--repeats", type=int, default=3, help="timed iterations per phase; the median is reported")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the whole sequence of variants this many times, each in fresh processes; the "
+                             "median is taken over the timed iterations of every round")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                         help="variants to run; ratios are to the first one")
     parser.add_argument("--config", nargs="*", default=[], metavar="KEY VALUE",
@@ -206,22 +209,41 @@ def measure_in_subprocess(name, args, argv):
             return json.load(f)
 
 
-def run_benchmark(args, argv, on_result=None):
-    """Measure every variant of ``args`` (parsed from ``argv``), each in its own process.
+def merge_rounds(rounds, images):
+    """One variant's result from its per-round results: timed iterations pooled, medians over the pool, and
+    peak memory the highest of any round."""
+    merged = dict(rounds[0])
+    for phase in ("train", "infer"):
+        merged[f"{phase}_times"] = {clock: [t for result in rounds for t in result[f"{phase}_times"][clock]]
+                                    for clock in ("wall_s", "cpu_s")}
+        merged[f"{phase}_peak_mib"] = max(result[f"{phase}_peak_mib"] for result in rounds)
+    per = {"train": ("train_s_per_iter", "train_cpu_s_per_iter", 1),
+           "infer": ("infer_s_per_image", "infer_cpu_s_per_image", images)}
+    for phase, (wall_key, cpu_key, divisor) in per.items():
+        merged[wall_key] = statistics.median(merged[f"{phase}_times"]["wall_s"]) / divisor
+        merged[cpu_key] = statistics.median(merged[f"{phase}_times"]["cpu_s"]) / divisor
+    return merged
 
-    ``on_result(name, result)`` is called as each variant finishes. Returns the report: settings, baseline
-    (the first variant) and per-variant results.
+
+def run_benchmark(args, argv, on_result=None):
+    """Measure every variant of ``args`` (parsed from ``argv``), each in its own process, ``args.rounds`` times.
+
+    Rounds run the whole sequence of variants again, so a slow spell of a shared or virtual machine falls on
+    every variant rather than on one. ``on_result(name, result)`` is called as each variant finishes a round.
+    Returns the report: settings, baseline (the first variant) and per-variant results over all rounds.
     """
     import torch
 
-    results = {}
-    for name in args.variants:
-        results[name] = measure_in_subprocess(name, args, argv)
-        if on_result is not None:
-            on_result(name, results[name])
+    per_round = {name: [] for name in args.variants}
+    for _ in range(args.rounds):
+        for name in args.variants:
+            per_round[name].append(measure_in_subprocess(name, args, argv))
+            if on_result is not None:
+                on_result(name, per_round[name][-1])
+    results = {name: merge_rounds(rounds, args.images) for name, rounds in per_round.items()}
     return {
         "settings": {"argv": list(argv), "size": args.size, "images": args.images, "warmup": args.warmup,
-                     "repeats": args.repeats, "device": args.device, "config": args.config,
+                     "repeats": args.repeats, "rounds": args.rounds, "device": args.device, "config": args.config,
                      "torch": torch.__version__, "cpus": os.cpu_count(),
                      "platform": platform.platform()},
         "baseline": args.variants[0],
