@@ -91,9 +91,8 @@ def peak_memory_mib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
 
 
-def timed_median(step, warmup, repeats, device):
-    """Median wall time of ``step()`` over ``repeats`` calls after ``warmup`` untimed ones, and the wall and
-    process CPU times of every timed call."""
+def timed_calls(step, warmup, repeats, device):
+    """Wall and process CPU times of ``repeats`` calls of ``step()``, after ``warmup`` untimed ones."""
     import torch
 
     def synchronize():
@@ -110,7 +109,18 @@ def timed_median(step, warmup, repeats, device):
         synchronize()
         wall.append(time.perf_counter() - wall_start)
         cpu.append(time.process_time() - cpu_start)
-    return statistics.median(wall), {"wall_s": wall, "cpu_s": cpu}
+    return {"wall_s": wall, "cpu_s": cpu}
+
+
+def with_medians(result, images):
+    """``result`` with its medians added: train s/iter and inference s/image (a call runs ``images`` images),
+    wall-clock and process CPU time, over every timed call in its ``train_times`` / ``infer_times``."""
+    per_call = {"train": ("train_s_per_iter", "train_cpu_s_per_iter", 1),
+                "infer": ("infer_s_per_image", "infer_cpu_s_per_image", images)}
+    for phase, (wall_key, cpu_key, divisor) in per_call.items():
+        result[wall_key] = statistics.median(result[f"{phase}_times"]["wall_s"]) / divisor
+        result[cpu_key] = statistics.median(result[f"{phase}_times"]["cpu_s"]) / divisor
+    return result
 
 
 def calibrate_frozen_batchnorm(model, batch):
@@ -164,7 +174,7 @@ def measure_variant(name, args):
         with torch.no_grad():
             model(test_batch)
 
-    infer_s, infer_times = timed_median(inference_step, args.warmup, args.repeats, device)
+    infer_times = timed_calls(inference_step, args.warmup, args.repeats, device)
     infer_peak = peak_memory_mib(device)
 
     model.train()
@@ -179,20 +189,16 @@ def measure_variant(name, args):
         optimizer.step()
 
     with EventStorage():  # detectron2's heads log training statistics to it
-        train_s, train_times = timed_median(train_step, args.warmup, args.repeats, device)
-    return {
+        train_times = timed_calls(train_step, args.warmup, args.repeats, device)
+    return with_medians({
         "config": VARIANTS[name][0],
         "options": VARIANTS[name][1] + list(args.config),
         "threads": torch.get_num_threads(),
-        "train_s_per_iter": train_s,
-        "train_cpu_s_per_iter": statistics.median(train_times["cpu_s"]),
         "train_times": train_times,
-        "infer_s_per_image": infer_s / args.images,
-        "infer_cpu_s_per_image": statistics.median(infer_times["cpu_s"]) / args.images,
         "infer_times": infer_times,
         "infer_peak_mib": infer_peak,
         "train_peak_mib": peak_memory_mib(device),
-    }
+    }, args.images)
 
 
 def measure_in_subprocess(name, args, argv):
@@ -217,12 +223,7 @@ def merge_rounds(rounds, images):
         merged[f"{phase}_times"] = {clock: [t for result in rounds for t in result[f"{phase}_times"][clock]]
                                     for clock in ("wall_s", "cpu_s")}
         merged[f"{phase}_peak_mib"] = max(result[f"{phase}_peak_mib"] for result in rounds)
-    per = {"train": ("train_s_per_iter", "train_cpu_s_per_iter", 1),
-           "infer": ("infer_s_per_image", "infer_cpu_s_per_image", images)}
-    for phase, (wall_key, cpu_key, divisor) in per.items():
-        merged[wall_key] = statistics.median(merged[f"{phase}_times"]["wall_s"]) / divisor
-        merged[cpu_key] = statistics.median(merged[f"{phase}_times"]["cpu_s"]) / divisor
-    return merged
+    return with_medians(merged, images)
 
 
 def run_benchmark(args, argv, on_result=None):
