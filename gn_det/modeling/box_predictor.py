@@ -22,8 +22,9 @@ def top_scores_first_inference_single_image(boxes, scores, image_shape, score_th
     ``FIRST_CANDIDATES_PER_DETECTION * topk_per_image`` pairs strictly above it (so pairs with equal scores are
     all in or all out). If NMS on them keeps fewer than ``topk_per_image`` detections, t is lowered to leave
     ``GROWTH`` times more, down to ``score_thresh`` itself, which is the full run. Detections equal
-    detectron2's, except that detections with exactly equal scores may come in another order (detectron2's own
-    order among them depends on how many pairs torchvision's batched NMS sees).
+    detectron2's, except that detections with exactly equal scores may come in another order, and where such a
+    tie straddles the ``topk_per_image``-th place another of them may be kept (detectron2's own order among
+    equal scores comes from an unstable sort and depends on how many pairs torchvision's batched NMS sees).
     """
     if topk_per_image >= 0:
         foreground = scores[:, :-1].flatten()  # the last column is background
