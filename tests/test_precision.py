@@ -310,3 +310,15 @@ def test_fast_path_predicts_boxes_with_top_scores_first():
     fast = build(*FAST)
     assert type(fast.roi_heads.box_predictor) is TopScoresFirstOutputLayers
     assert fast.state_dict().keys() == build().state_dict().keys()
+
+
+@pytest.mark.parametrize("option, value, minimum",
+                         [("--rounds", "0", 1), ("--repeats", "0", 1), ("--warmup", "-1", 0), ("--images", "0", 1)])
+def test_benchmark_rejects_counts_out_of_range(option, value, minimum):
+    """A count that would leave nothing to measure is a one-line usage error naming the option, before any
+    variant runs."""
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "benchmark.py"), option, value],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    expected = f"benchmark.py: error: argument {option}: {value} is not a whole number >= {minimum}"
+    assert proc.stderr.strip().splitlines()[-1] == expected

@@ -41,14 +41,29 @@ DEFAULT_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirnam
                                   "configs")
 
 
+def at_least(minimum):
+    """An argparse type: a whole number >= ``minimum`` (0 rounds or repeats would leave nothing to take a
+    median of, and fail deep inside instead of naming the option)."""
+    def parse(text):
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is not a whole number >= {minimum}")
+        return value
+
+    parse.__name__ = f"whole number >= {minimum}"  # argparse names the type when int() fails
+    return parse
+
+
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--size", type=int, default=512, help="square image side in px, as the network sees it")
-    parser.add_argument("--images", type=int, default=2, help="images per training iteration and per inference call")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed iterations before timing, per phase")
-    parser.add_argument("--repeats", type=int, default=3, help="timed iterations per phase; the median is reported")
-    parser.add_argument("--rounds", type=int, default=1,
+    parser.add_argument("--size", type=at_least(1), default=512, help="square image side in px, as the network sees it")
+    parser.add_argument("--images", type=at_least(1), default=2,
+                        help="images per training iteration and per inference call")
+    parser.add_argument("--warmup", type=at_least(0), default=1, help="untimed iterations before timing, per phase")
+    parser.add_argument("--repeats", type=at_least(1), default=3,
+                        help="timed iterations per phase; the median is reported")
+    parser.add_argument("--rounds", type=at_least(1), default=1,
                         help="run the whole sequence of variants this many times, each in fresh processes; the "
                              "median is taken over the timed iterations of every round")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
