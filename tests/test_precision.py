@@ -322,3 +322,97 @@ def test_benchmark_rejects_counts_out_of_range(option, value, minimum):
     assert proc.returncode == 2
     expected = f"benchmark.py: error: argument {option}: {value} is not a whole number >= {minimum}"
     assert proc.stderr.strip().splitlines()[-1] == expected
+
+
+def test_group_norm_on_roi_sized_channels_last_maps_runs_on_an_nchw_copy():
+    """PyTorch's channels_last GroupNorm kernel is slow on small maps with few channels per group (RoI
+    features: 7x7 or 14x14, 8 channels per group); gn-det's GroupNorm computes those on an NCHW copy. Values
+    and gradients are exactly those of the NCHW kernel and the output stays channels_last; other inputs run
+    as they are."""
+    import torch.nn.functional as F
+
+    from gn_det.layers.norm import GroupNorm, runs_faster_in_nchw
+
+    torch.manual_seed(0)
+    norm = GroupNorm(32, 256)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.1, 0.1)
+    weight, bias = norm.weight.detach().clone().requires_grad_(), norm.bias.detach().clone().requires_grad_()
+    roi_features = (torch.randn(6, 256, 7, 7) * 2 + 1).contiguous(memory_format=torch.channels_last)
+    ours_in = roi_features.clone().requires_grad_()
+    expected_in = roi_features.contiguous().requires_grad_()
+    assert runs_faster_in_nchw(ours_in, 32)
+    ours = norm(ours_in)
+    expected = F.group_norm(expected_in, 32, weight, bias, norm.eps)
+    assert ours.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(ours, expected)
+    grad = torch.randn_like(expected)
+    ours.backward(grad)
+    expected.backward(grad)
+    for got, want in [(ours_in.grad, expected_in.grad), (norm.weight.grad, weight.grad), (norm.bias.grad, bias.grad)]:
+        assert torch.equal(got, want)
+
+    assert not runs_faster_in_nchw(roi_features.contiguous(), 32)  # already NCHW
+    assert not runs_faster_in_nchw(roi_features, 8)  # 32 channels per group fill a vector register
+    backbone_map = torch.randn(1, 256, 32, 32).contiguous(memory_format=torch.channels_last)
+    assert not runs_faster_in_nchw(backbone_map, 32)  # 1024 pixels: the kernel parallelises over pixels
+
+
+def count_calls(module):
+    calls = []
+    module.register_forward_hook(lambda *args: calls.append(1))
+    return calls
+
+
+def inference_with_chunk_bytes(model, batch, chunk_bytes):
+    from gn_det.modeling.roi_chunks import use_chunked_roi_inference
+
+    use_chunked_roi_inference(model, chunk_bytes)
+    with torch.no_grad():
+        return model(batch)
+
+
+def assert_same_instances(results, expected_results):
+    for result, expected in zip(results, expected_results):
+        got, want = result["instances"], expected["instances"]
+        assert len(want) > 0
+        for name, value in want.get_fields().items():
+            assert torch.equal(getattr(got.get(name), "tensor", got.get(name)), getattr(value, "tensor", value)), name
+
+
+def test_fast_cpu_inference_runs_roi_heads_in_chunks_with_the_same_outputs():
+    """Box and mask heads see the RoIs in chunks (here forced small) and give exactly the unchunked results;
+    training never chunks, and the fp32 default leaves chunking off."""
+    from gn_det.modeling.roi_chunks import INFERENCE_CHUNK_BYTES
+
+    assert build().roi_heads.box_head.inference_chunk_bytes == 0  # fp32 default: detectron2's behaviour
+    model = build(*FAST).eval()
+    assert model.roi_heads.box_head.inference_chunk_bytes == INFERENCE_CHUNK_BYTES
+    assert model.roi_heads.mask_head.inference_chunk_bytes == INFERENCE_CHUNK_BYTES
+    batch = [{"image": torch.rand(3, 128, 128) * 255, "height": 128, "width": 128} for _ in range(2)]
+    box_calls, mask_calls = count_calls(model.roi_heads.box_head.conv1), count_calls(model.roi_heads.mask_head.mask_fcn1)
+
+    expected = inference_with_chunk_bytes(model, batch, 0)
+    assert (len(box_calls), len(mask_calls)) == (1, 1)
+    box_calls.clear(), mask_calls.clear()
+    results = inference_with_chunk_bytes(model, batch, 256 * 2**10)  # ~10 box-head RoIs, ~2 mask-head RoIs
+    assert len(box_calls) > 10 and len(mask_calls) > 10
+    assert_same_instances(results, expected)
+
+    box_calls.clear()
+    losses = training_losses(model, random_detection_batch(num_images=2, height=128, width=128, num_classes=3))
+    assert len(box_calls) == 1 and all(torch.isfinite(loss) for loss in losses.values())
+
+
+def test_fast_cpu_inference_runs_c4_res5_in_chunks_with_the_same_outputs():
+    path = os.path.join(CONFIG_DIR, "COCO-InstanceSegmentation", "mask_rcnn_R_50_C4_2x_gn.yaml")
+    model = build(*FAST, "MODEL.RPN.POST_NMS_TOPK_TEST", "40", "MODEL.RESNETS.DEPTH", "50",
+                  "MODEL.RESNETS.RES2_OUT_CHANNELS", "256", config=path).eval()
+    batch = [{"image": torch.rand(3, 128, 128) * 255, "height": 128, "width": 128}]
+    res5_calls = count_calls(model.roi_heads.res5)
+    expected = inference_with_chunk_bytes(model, batch, 0)
+    calls_unchunked = len(res5_calls)
+    results = inference_with_chunk_bytes(model, batch, 2 * 2**20)  # 5 RoIs of 14x14x1024 bf16 per chunk
+    assert len(res5_calls) - calls_unchunked > 2 * calls_unchunked
+    assert_same_instances(results, expected)

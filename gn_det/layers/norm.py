@@ -6,6 +6,7 @@ config (``MODEL.GN``) reaches every site.
 """
 import functools
 
+import torch
 from torch import nn
 
 from detectron2.layers import FrozenBatchNorm2d, NaiveSyncBatchNorm, get_norm
@@ -23,6 +24,34 @@ class GroupNorm(nn.GroupNorm):
     float32 (an explicit float32 copy measured the same error at +320 MiB and 5-11% slower inference,
     docs/SPEED.md).
     """
+
+    def forward(self, x):
+        if runs_faster_in_nchw(x, self.num_groups):
+            return super().forward(x.contiguous()).contiguous(memory_format=torch.channels_last)
+        return super().forward(x)
+
+
+# PyTorch's CPU GroupNorm on a channels_last input with H*W below this parallelises over (n, g) and vectorises
+# over the C/G channels of one group only (at::native's GroupNormKernelImplChannelsLastInternal).
+CHANNELS_LAST_SMALL_MAP = 1024
+# Channels per group from which that path fills a vector register (a 512-bit register holds 32 bfloat16).
+FULL_VECTOR_CHANNELS = 32
+
+
+def runs_faster_in_nchw(x, num_groups):
+    """Whether GroupNorm on ``x`` is faster through an NCHW copy and back than on ``x`` as it is.
+
+    True for channels_last CPU maps smaller than ``CHANNELS_LAST_SMALL_MAP`` pixels with fewer than
+    ``FULL_VECTOR_CHANNELS`` channels per group: the RoI features of the box (7x7) and mask (14x14) heads,
+    256 channels in 32 groups of 8. Measured there (bf16, 2 cores, docs/SPEED.md): forward 2.4x faster
+    including both copies and forward + backward 1.3-1.5x, except on a map too large for the cache (256 RoIs
+    of 14x14: forward 20% slower, forward + backward equal); R50-FPN inference 6.5% faster, training unchanged.
+    """
+    return (
+        x.dim() == 4 and x.device.type == "cpu" and x.shape[2] * x.shape[3] < CHANNELS_LAST_SMALL_MAP
+        and x.shape[1] // num_groups < FULL_VECTOR_CHANNELS
+        and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    )
 
 
 class UnsplittableGroupNorm(nn.Module):

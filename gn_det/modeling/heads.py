@@ -18,6 +18,7 @@ from detectron2.modeling.roi_heads.roi_heads import Res5ROIHeads
 
 from .meta_arch import PrecisionLayoutMixin
 from .norm_sites import finish_norm_sites, with_norm_factories
+from .roi_chunks import RoIChunkedInference
 
 
 class _ConfiguredNormHead:
@@ -41,25 +42,35 @@ class _ConfiguredNormHead:
 
 
 @ROI_BOX_HEAD_REGISTRY.register()
-class GNConvFCHead(_ConfiguredNormHead, FastRCNNConvFCHead):
+class GNConvFCHead(RoIChunkedInference, _ConfiguredNormHead, FastRCNNConvFCHead):
     """detectron2's conv+fc box head (the paper's 4conv1fc with NUM_CONV 4, NUM_FC 1), norm from
     ``MODEL.ROI_BOX_HEAD.NORM``. The paper found BN here costs ~9 AP (RoIs of one image are not i.i.d.);
     GN has no such problem (Sec. 6.1)."""
 
     site = "roi_heads.box_head"
 
+    def forward(self, x):
+        return self.run_in_chunks(super().forward, x)
+
 
 @ROI_MASK_HEAD_REGISTRY.register()
-class GNMaskHead(_ConfiguredNormHead, MaskRCNNConvUpsampleHead):
+class GNMaskHead(RoIChunkedInference, _ConfiguredNormHead, MaskRCNNConvUpsampleHead):
     """detectron2's 4-conv + deconv mask head, norm from ``MODEL.ROI_MASK_HEAD.NORM``."""
 
     site = "roi_heads.mask_head"
 
+    def layers(self, x):
+        return self.run_in_chunks(super().layers, x)
+
 
 @ROI_HEADS_REGISTRY.register()
-class GNRes5ROIHeads(Res5ROIHeads):
+class GNRes5ROIHeads(RoIChunkedInference, Res5ROIHeads):
     """C4 ROI heads: the res5 stage that runs on each RoI takes ``MODEL.RESNETS.NORM`` from gn-det's factory
     (detectron2's own would build a fixed 32-group ``nn.GroupNorm``)."""
+
+    def _shared_roi_transform(self, features, boxes):
+        # detectron2's (pool, then res5), with res5 run in chunks of RoIs
+        return self.run_in_chunks(self.res5, self.pooler(features, boxes))
 
     @classmethod
     def _build_res5_block(cls, cfg):

@@ -18,6 +18,7 @@ from detectron2.structures import Boxes, Instances, RotatedBoxes
 
 from ..layers.roi_align import use_sparse_matrix_roi_align
 from .box_predictor import use_top_scores_first_inference
+from .roi_chunks import use_chunked_roi_inference
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISIONS = ("fp32", *AUTOCAST_DTYPES)
@@ -58,7 +59,9 @@ class PrecisionLayoutMixin:
     layout oneDNN and cuDNN convolutions run fastest on. With either switch on, the ROI heads pool with
     :class:`~gn_det.layers.SparseMatrixROIAlign` (same outputs, float32 boxes, NHWC-native and several times faster)
     and the box predictor runs NMS on its top-scoring pairs first
-    (:class:`~gn_det.modeling.box_predictor.TopScoresFirstOutputLayers`, same detections).
+    (:class:`~gn_det.modeling.box_predictor.TopScoresFirstOutputLayers`, same detections), and CPU inference
+    runs the per-RoI heads on chunks of RoIs (:class:`~gn_det.modeling.roi_chunks.RoIChunkedInference`, same
+    outputs).
     """
 
     @classmethod
@@ -79,6 +82,7 @@ class PrecisionLayoutMixin:
         if precision != "fp32" or channels_last:
             use_sparse_matrix_roi_align(self)
             use_top_scores_first_inference(self)
+            use_chunked_roi_inference(self)
 
     def precision_context(self):
         """The autocast context the model computes in (a no-op for fp32)."""
