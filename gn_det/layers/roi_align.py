@@ -70,8 +70,9 @@ class SparseMatrixROIAlign(ROIAlign):
     ``F.embedding_bag`` over the NHWC feature rows (a view of channels_last features); autograd's backward is
     the transposed product. On CPU it is several times faster than torchvision's kernel, whose backward is a
     single-threaded loop that recomputes the bilinear weights for every channel (numbers: docs/SPEED.md).
-    It always pools in float32 from float32 boxes: detectron2's ROIAlign casts the boxes to the feature
-    dtype, which under bf16 autocast rounds coordinates to 2 px steps between 256 and 512 px. Outputs equal
+    It always places its sampling points from float32 boxes: detectron2's ROIAlign casts the boxes to the
+    feature dtype, which under bf16 autocast rounds coordinates to 2 px steps between 256 and 512 px. It pools
+    in float32, except in CPU inference on bf16 features (:func:`pools_in_bfloat16`). Float32 outputs equal
     torchvision's up to float32 summation order (~1e-6); the result has the input's dtype, as with
     torchvision's autocast wrapper.
     """
@@ -84,11 +85,28 @@ class SparseMatrixROIAlign(ROIAlign):
         )
         num_rows = rois.shape[0] * bins_h * bins_w
         entries_per_row = torch.bincount(rows, minlength=num_rows) * 4
-        pixels = input.permute(0, 2, 3, 1).reshape(-1, input.shape[1]).float()  # a view when channels_last
+        pixels = input.permute(0, 2, 3, 1).reshape(-1, input.shape[1])  # a view when channels_last
+        if pools_in_bfloat16(input):
+            weights = weights.to(input.dtype)
+        else:
+            pixels = pixels.float()
         pooled = F.embedding_bag(cols, pixels, torch.cumsum(entries_per_row, 0) - entries_per_row, mode="sum",
                                  per_sample_weights=weights)
         pooled = pooled.view(-1, bins_h, bins_w, input.shape[1]).permute(0, 3, 1, 2)
         return pooled.to(input.dtype, memory_format=torch.contiguous_format)  # NCHW, as torchvision's
+
+
+def pools_in_bfloat16(features):
+    """Whether :class:`SparseMatrixROIAlign` reads ``features`` as they are, with bfloat16 bilinear weights.
+
+    Only in CPU inference on bfloat16 features: PyTorch's CPU ``embedding_bag`` still sums in float32, and
+    skipping the float32 copy of every FPN level makes pooling ~5x faster (p2 of a 512 px image, 1000 RoIs:
+    8 vs 38 ms) at a relative error against float32 pooling of 0.21%, where float32 pooling rounded to the
+    bfloat16 output has 0.17% (docs/SPEED.md). Training pools in float32: its backward accumulates the
+    gradients of overlapping RoIs into the feature rows, which bfloat16 would round at every addition.
+    """
+    return (features.dtype == torch.bfloat16 and features.device.type == "cpu"
+            and not (torch.is_grad_enabled() and features.requires_grad))
 
 
 def use_sparse_matrix_roi_align(model):
