@@ -57,8 +57,8 @@ class PrecisionLayoutMixin:
     every output to float32. ``MODEL.CHANNELS_LAST`` converts 4-D parameters to channels_last at build (names
     and values unchanged, so checkpoints load as usual) and feeds the backbone a channels_last batch, the
     layout oneDNN and cuDNN convolutions run fastest on. With either switch on, the ROI heads pool with
-    :class:`~gn_det.layers.SparseMatrixROIAlign` (same outputs, float32 boxes, NHWC-native and several times faster)
-    and the box predictor runs NMS on its top-scoring pairs first
+    :class:`~gn_det.layers.SparseMatrixROIAlign` (same outputs up to rounding, float32 boxes, NHWC-native and
+    several times faster), the box predictor runs NMS on its top-scoring pairs first
     (:class:`~gn_det.modeling.box_predictor.TopScoresFirstOutputLayers`, same detections), and CPU inference
     runs the per-RoI heads on chunks of RoIs (:class:`~gn_det.modeling.roi_chunks.RoIChunkedInference`, same
     outputs).

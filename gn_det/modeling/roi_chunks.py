@@ -19,8 +19,8 @@ class RoIChunkedInference:
     Every layer of these heads treats each RoI alone (convs, GroupNorm and FrozenBN per sample, FC per row),
     so chunking changes no output; it keeps each layer's activation small enough to stay in the CPU's cache
     between the conv that writes it and the norm and ReLU that read it, instead of going through memory.
-    ``inference_chunk_bytes`` is 0 (off) unless :func:`use_chunked_roi_inference` sets it; training, where
-    the measured gain was nil, and CUDA, where one large batch is faster, never chunk.
+    ``inference_chunk_bytes`` is 0 (off) unless :func:`use_chunked_roi_inference` sets it. Training (measured
+    gain nil) never chunks, nor does CUDA (not measured there; a GPU wants large batches, not cache locality).
     """
 
     inference_chunk_bytes = 0
