@@ -217,6 +217,16 @@ def test_benchmark_tool_smoke(tmp_path):
         assert result["train_s_per_iter"] == pytest.approx(sum(result["train_times"]["wall_s"]) / 2)
 
 
+def random_rois(generator, count, x_range, y_range, size_range):
+    """``count`` ROIAlign rois (image index in {0, 1}, x0, y0, x1, y1): corners uniform in the ranges, width and
+    height uniform in ``size_range``."""
+    x0 = torch.rand(count, generator=generator) * (x_range[1] - x_range[0]) + x_range[0]
+    y0 = torch.rand(count, generator=generator) * (y_range[1] - y_range[0]) + y_range[0]
+    size = torch.rand(count, 2, generator=generator) * (size_range[1] - size_range[0]) + size_range[0]
+    image = torch.randint(0, 2, (count,), generator=generator).float()
+    return torch.stack([image, x0, y0, x0 + size[:, 0], y0 + size[:, 1]], 1)
+
+
 @pytest.mark.parametrize("aligned", [True, False])
 @pytest.mark.parametrize("sampling_ratio", [0, 2])
 @pytest.mark.parametrize("channels_last", [True, False])
@@ -227,9 +237,7 @@ def test_sparse_matrix_roi_align_equals_detectron2_roi_align(aligned, sampling_r
 
     gen = torch.Generator().manual_seed(0)
     features = torch.randn(2, 8, 25, 31, generator=gen)
-    x0, y0 = torch.rand(40, generator=gen) * 140 - 20, torch.rand(40, generator=gen) * 110  # some cross borders
-    size = torch.rand(40, 2, generator=gen) * 70
-    rois = torch.stack([torch.randint(0, 2, (40,), generator=gen).float(), x0, y0, x0 + size[:, 0], y0 + size[:, 1]], 1)
+    rois = random_rois(gen, 40, x_range=(-20, 120), y_range=(0, 110), size_range=(0, 70))  # some cross borders
     expected_in = features.clone().requires_grad_()
     layout = torch.channels_last if channels_last else torch.contiguous_format
     ours_in = features.contiguous(memory_format=layout).requires_grad_()
@@ -252,9 +260,7 @@ def test_sparse_matrix_roi_align_reads_bfloat16_features_as_they_are_in_inferenc
 
     gen = torch.Generator().manual_seed(0)
     features = torch.randn(2, 64, 64, 64, generator=gen).contiguous(memory_format=torch.channels_last)
-    x0, y0 = torch.rand(200, generator=gen) * 200, torch.rand(200, generator=gen) * 200
-    size = torch.rand(200, 2, generator=gen) * 60 + 4
-    rois = torch.stack([torch.randint(0, 2, (200,), generator=gen).float(), x0, y0, x0 + size[:, 0], y0 + size[:, 1]], 1)
+    rois = random_rois(gen, 200, x_range=(0, 200), y_range=(0, 200), size_range=(4, 64))
     pooler = SparseMatrixROIAlign((7, 7), 0.25, 0, True)
     reference = pooler(features, rois)
     low = features.bfloat16()

@@ -71,4 +71,3 @@ def use_top_scores_first_inference(model):
         if type(module) is FastRCNNOutputLayers:
             module.__class__ = TopScoresFirstOutputLayers
     return model
-
