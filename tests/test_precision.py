@@ -278,13 +278,55 @@ def test_sparse_matrix_roi_align_reads_bfloat16_features_as_they_are_in_inferenc
 
 def test_fast_path_pools_with_sparse_matrix_roi_align():
     from gn_det.layers import SparseMatrixROIAlign
+    from gn_det.modeling.poolers import LayoutPreservingROIPooler
 
     def poolers(model):
-        return [type(m).__name__ for m in model.roi_heads.modules() if "ROIAlign" in type(m).__name__]
+        names = [type(m).__name__ for m in model.roi_heads.modules()]
+        return [name for name in names if name.endswith(("ROIPooler", "ROIAlign"))]
 
-    assert set(poolers(build())) == {"ROIAlign"}  # fp32 default: detectron2's own
-    assert set(poolers(build(*FAST))) == {SparseMatrixROIAlign.__name__}
-    assert set(poolers(build("MODEL.PRECISION", "bf16"))) == {SparseMatrixROIAlign.__name__}
+    assert set(poolers(build())) == {"ROIPooler", "ROIAlign"}  # fp32 default: detectron2's own
+    fast = {LayoutPreservingROIPooler.__name__, SparseMatrixROIAlign.__name__}
+    assert set(poolers(build(*FAST))) == fast
+    assert set(poolers(build("MODEL.PRECISION", "bf16"))) == fast
+
+
+def fpn_features_and_boxes(channels_last):
+    """Four FPN-like levels (strides 4-32) of 2 images of 512 px, and boxes of 4-500 px on all four levels."""
+    from detectron2.modeling.poolers import assign_boxes_to_levels
+    from detectron2.structures import Boxes
+
+    gen = torch.Generator().manual_seed(0)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    features = [torch.randn(2, 8, 512 // s, 512 // s, generator=gen).contiguous(memory_format=layout)
+                for s in (4, 8, 16, 32)]
+    boxes = [Boxes(random_rois(gen, 80, x_range=(0, 400), y_range=(0, 400), size_range=(4, 500))[:, 1:])
+             for _ in range(2)]
+    assert set(assign_boxes_to_levels(boxes, 2, 5, 224, 4).tolist()) == {0, 1, 2, 3}
+    return [f.requires_grad_() for f in features], boxes
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_layout_preserving_pooler_equals_detectron2_pooler(channels_last):
+    """The fast path's ROIPooler gives detectron2's values and gradients exactly, as a tensor of the features'
+    layout (channels_last features: no element-by-element transposition when gathering the levels)."""
+    from detectron2.modeling.poolers import ROIPooler
+
+    from gn_det.layers import use_sparse_matrix_roi_align
+    from gn_det.modeling.poolers import LayoutPreservingROIPooler, use_layout_preserving_poolers
+
+    stock = use_sparse_matrix_roi_align(ROIPooler(7, (1 / 4, 1 / 8, 1 / 16, 1 / 32), 0, "ROIAlignV2"))
+    ours = use_layout_preserving_poolers(use_sparse_matrix_roi_align(
+        ROIPooler(7, (1 / 4, 1 / 8, 1 / 16, 1 / 32), 0, "ROIAlignV2")))
+    assert type(ours) is LayoutPreservingROIPooler
+    features, boxes = fpn_features_and_boxes(channels_last)
+    expected = stock(features, boxes)
+    pooled = ours(features, boxes)
+    assert pooled.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert torch.equal(pooled, expected)
+    grad = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(expected, features, grad)
+    for got, want in zip(torch.autograd.grad(pooled, features, grad), expected_grads):
+        assert torch.equal(got, want)
 
 
 def random_box_predictions(num_proposals, num_classes, stacked, seed=0):

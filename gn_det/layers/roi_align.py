@@ -5,6 +5,8 @@ from torch.nn.modules.utils import _pair
 
 from detectron2.layers import ROIAlign
 
+from .layout import is_channels_last
+
 
 def roi_align_sampling_matrix(rois, spatial_scale, output_size, sampling_ratio, aligned, feature_shape):
     """ROIAlign as a sparse matrix: (rows, cols, weights) with 4 entries per sampling point.
@@ -74,7 +76,8 @@ class SparseMatrixROIAlign(ROIAlign):
     feature dtype, which under bf16 autocast rounds coordinates to 2 px steps between 256 and 512 px. It pools
     in float32, except in CPU inference on bf16 features (:func:`pools_in_bfloat16`). Float32 outputs equal
     torchvision's up to float32 summation order (~1e-6); the result has the input's dtype, as with
-    torchvision's autocast wrapper.
+    torchvision's autocast wrapper, and its memory format: channels_last features give a channels_last result
+    (the product's own layout, no copy), NCHW features an NCHW one.
     """
 
     def forward(self, input, rois):
@@ -92,7 +95,9 @@ class SparseMatrixROIAlign(ROIAlign):
             pixels = pixels.float()
         pooled = F.embedding_bag(cols, pixels, torch.cumsum(entries_per_row, 0) - entries_per_row, mode="sum",
                                  per_sample_weights=weights)
-        pooled = pooled.view(-1, bins_h, bins_w, input.shape[1]).permute(0, 3, 1, 2)
+        pooled = pooled.view(-1, bins_h, bins_w, input.shape[1]).permute(0, 3, 1, 2)  # channels_last
+        if is_channels_last(input):
+            return pooled.to(input.dtype)
         return pooled.to(input.dtype, memory_format=torch.contiguous_format)  # NCHW, as torchvision's
 
 

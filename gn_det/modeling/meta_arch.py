@@ -18,6 +18,7 @@ from detectron2.structures import Boxes, Instances, RotatedBoxes
 
 from ..layers.roi_align import use_sparse_matrix_roi_align
 from .box_predictor import use_top_scores_first_inference
+from .poolers import use_layout_preserving_poolers
 from .roi_chunks import use_chunked_roi_inference
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -58,10 +59,11 @@ class PrecisionLayoutMixin:
     and values unchanged, so checkpoints load as usual) and feeds the backbone a channels_last batch, the
     layout oneDNN and cuDNN convolutions run fastest on. With either switch on, the ROI heads pool with
     :class:`~gn_det.layers.SparseMatrixROIAlign` (same outputs up to rounding, float32 boxes, NHWC-native and
-    several times faster), the box predictor runs NMS on its top-scoring pairs first
-    (:class:`~gn_det.modeling.box_predictor.TopScoresFirstOutputLayers`, same detections), and CPU inference
-    runs the per-RoI heads on chunks of RoIs (:class:`~gn_det.modeling.roi_chunks.RoIChunkedInference`, same
-    outputs).
+    several times faster) into tensors of the features' layout
+    (:class:`~gn_det.modeling.poolers.LayoutPreservingROIPooler`), the box predictor runs NMS on its
+    top-scoring pairs first (:class:`~gn_det.modeling.box_predictor.TopScoresFirstOutputLayers`, same
+    detections), and CPU inference runs the per-RoI heads on chunks of RoIs
+    (:class:`~gn_det.modeling.roi_chunks.RoIChunkedInference`, same outputs).
     """
 
     @classmethod
@@ -81,6 +83,7 @@ class PrecisionLayoutMixin:
             self.to(memory_format=torch.channels_last)
         if precision != "fp32" or channels_last:
             use_sparse_matrix_roi_align(self)
+            use_layout_preserving_poolers(self)
             use_top_scores_first_inference(self)
             use_chunked_roi_inference(self)
 
