@@ -53,8 +53,9 @@ def add_gn_config(cfg):
     # Run convolutions on channels_last (NHWC) tensors, faster for oneDNN/cuDNN kernels.
     # Either switch away from its default also turns on the rest of the fast path, which changes outputs
     # only by float rounding and the order of exactly tied scores (docs/SPEED.md, "The switches"):
-    # sparse-matrix ROIAlign, box-predictor NMS on the top-scoring pairs first and, in CPU inference, per-RoI
-    # heads run on chunks of RoIs. (GroupNorm on small channels_last maps runs on an NCHW copy.)
+    # sparse-matrix ROIAlign pooling into tensors of the features' layout, box-predictor NMS on the top-scoring
+    # pairs first, in-place ReLUs in the heads and, in CPU inference, per-RoI heads run on chunks of RoIs.
+    # (GroupNorm on small channels_last maps runs on an NCHW copy.)
     cfg.MODEL.CHANNELS_LAST = False
 
     # --- Data. COCO-format datasets registered without code, each "NAME=JSON_FILE,IMAGE_DIR"

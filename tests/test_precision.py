@@ -492,3 +492,37 @@ def test_fast_cpu_inference_runs_c4_res5_in_chunks_with_the_same_outputs():
     results = inference_with_chunk_bytes(model, batch, 2 * 2**20)  # 5 RoIs of 14x14x1024 bf16 per chunk
     assert len(res5_calls) - calls_unchunked > 2 * calls_unchunked
     assert_same_instances(results, expected)
+
+
+def test_fast_path_runs_head_relus_in_place_with_the_same_values():
+    """The fast path's head ReLUs (box head, mask head, RPN conv) overwrite their inputs; losses, gradients and
+    detections are exactly those of the same model with out-of-place ReLUs. The fp32 default keeps detectron2's."""
+    import copy
+
+    from torch import nn
+
+    assert not any(m.inplace for m in build().modules() if isinstance(m, nn.ReLU))
+    model = build(*FAST)
+    heads = (model.roi_heads.box_head, model.roi_heads.mask_head, model.proposal_generator.rpn_head)
+    for head in heads:
+        relus = [m for m in head.modules() if isinstance(m, nn.ReLU)]
+        assert relus and all(m.inplace for m in relus), type(head).__name__
+    reference = copy.deepcopy(model)
+    for module in reference.modules():
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
+
+    batch = random_detection_batch(num_images=2, height=128, width=128, num_classes=3)
+    gradients = []
+    for net in (model, reference):
+        losses = training_losses(net, batch)
+        net.zero_grad()
+        sum(losses.values()).backward()
+        gradients.append((losses, {name: p.grad for name, p in net.named_parameters() if p.grad is not None}))
+    (losses, grads), (expected_losses, expected_grads) = gradients
+    assert all(torch.equal(losses[k], expected_losses[k]) for k in expected_losses)
+    assert grads.keys() == expected_grads.keys() and all(torch.equal(grads[k], expected_grads[k]) for k in grads)
+
+    images = [{"image": torch.rand(3, 128, 128) * 255, "height": 128, "width": 128} for _ in range(2)]
+    with torch.no_grad():
+        assert_same_instances(model.eval()(images), reference.eval()(images))

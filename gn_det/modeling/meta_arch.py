@@ -18,6 +18,7 @@ from detectron2.structures import Boxes, Instances, RotatedBoxes
 
 from ..layers.roi_align import use_sparse_matrix_roi_align
 from .box_predictor import use_top_scores_first_inference
+from .inplace_relu import use_inplace_relus
 from .poolers import use_layout_preserving_poolers
 from .roi_chunks import use_chunked_roi_inference
 
@@ -62,8 +63,9 @@ class PrecisionLayoutMixin:
     several times faster) into tensors of the features' layout
     (:class:`~gn_det.modeling.poolers.LayoutPreservingROIPooler`), the box predictor runs NMS on its
     top-scoring pairs first (:class:`~gn_det.modeling.box_predictor.TopScoresFirstOutputLayers`, same
-    detections), and CPU inference runs the per-RoI heads on chunks of RoIs
-    (:class:`~gn_det.modeling.roi_chunks.RoIChunkedInference`, same outputs).
+    detections), CPU inference runs the per-RoI heads on chunks of RoIs
+    (:class:`~gn_det.modeling.roi_chunks.RoIChunkedInference`, same outputs), and the heads' ReLUs run in place
+    (:func:`~gn_det.modeling.inplace_relu.use_inplace_relus`, same values).
     """
 
     @classmethod
@@ -86,6 +88,7 @@ class PrecisionLayoutMixin:
             use_layout_preserving_poolers(self)
             use_top_scores_first_inference(self)
             use_chunked_roi_inference(self)
+            use_inplace_relus(self)
 
     def precision_context(self):
         """The autocast context the model computes in (a no-op for fp32)."""
