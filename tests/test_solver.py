@@ -62,3 +62,30 @@ def test_linear_lr_scaling_off_by_default():
     cfg = get_gn_cfg(GN_FPN, ["SOLVER.IMS_PER_BATCH", "2"])
     scale_schedule_linearly(cfg)
     assert cfg.SOLVER.BASE_LR == 0.02 and cfg.SOLVER.MAX_ITER == 180000
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_cpu_optimizer_is_detectron2_sgd_run_fused(clip):
+    """On CPU gn-det's SGD keeps detectron2's groups and settings (and gradient clipping) and updates the
+    parameters as detectron2's foreach SGD does, to float rounding, over steps with momentum and decay."""
+    from detectron2.solver import build_optimizer
+
+    cfg = get_gn_cfg(GN_FPN, TINY_OPTS + ["SOLVER.CLIP_GRADIENTS.ENABLED", str(clip),
+                                          "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "0.01"])
+    torch.manual_seed(0)
+    ours_model, stock_model = build_model(cfg), build_model(cfg)
+    stock_model.load_state_dict(ours_model.state_dict())
+    ours, stock = build_gn_optimizer(cfg, ours_model), build_optimizer(cfg, stock_model)
+    assert all(group["fused"] and not group["foreach"] for group in ours.param_groups)
+    assert [(len(g["params"]), g["lr"], g["weight_decay"], g["momentum"]) for g in ours.param_groups] == [
+        (len(g["params"]), g["lr"], g["weight_decay"], g["momentum"]) for g in stock.param_groups]
+    assert type(ours).__name__ == type(stock).__name__  # detectron2's clipping subclass when clipping is on
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for ours_param, stock_param in zip(ours_model.parameters(), stock_model.parameters()):
+            if ours_param.requires_grad:
+                ours_param.grad = torch.randn(ours_param.shape, generator=generator)
+                stock_param.grad = ours_param.grad.clone()
+        ours.step(), stock.step()
+    for ours_param, stock_param in zip(ours_model.parameters(), stock_model.parameters()):
+        torch.testing.assert_close(ours_param, stock_param, rtol=1e-6, atol=1e-7)

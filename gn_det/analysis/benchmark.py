@@ -77,6 +77,11 @@ def build_parser():
     return parser
 
 
+def is_detectron2_config(name):
+    """Whether variant ``name`` is stock detectron2 (a model-zoo config) rather than one of gn-det's."""
+    return VARIANTS[name][0].startswith("detectron2://")
+
+
 def variant_cfg(name, args):
     """The config of variant ``name`` at the benchmark's size and device."""
     from detectron2.model_zoo import get_config_file
@@ -84,7 +89,7 @@ def variant_cfg(name, args):
     from gn_det.config import get_gn_cfg
 
     config, extra = VARIANTS[name]
-    if config.startswith("detectron2://"):
+    if is_detectron2_config(name):
         path = get_config_file(config[len("detectron2://"):])
     else:
         path = os.path.join(args.config_dir, config)
@@ -169,6 +174,7 @@ def measure_variant(name, args):
 
     import gn_det  # noqa: F401  (registers gn-det's models)
     from gn_det.modeling.random_inputs import random_detection_batch
+    from gn_det.solver import build_gn_optimizer
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -193,7 +199,8 @@ def measure_variant(name, args):
     infer_peak = peak_memory_mib(device)
 
     model.train()
-    optimizer = build_optimizer(cfg, model)
+    # each project's own trainer's optimizer: detectron2's build_optimizer for stock, gn-det's for gn-det's
+    optimizer = (build_optimizer if is_detectron2_config(name) else build_gn_optimizer)(cfg, model)
     for group in optimizer.param_groups:
         group["lr"] = 0.0
 
