@@ -56,8 +56,8 @@ def fused_on_cpu(sgd):
     """The same SGD (groups, settings) with PyTorch's fused step, which updates each parameter in one pass.
 
     detectron2 builds a foreach SGD, whose weight-decay step allocates a new gradient tensor for every
-    parameter (180 MB for R50-FPN, mapped afresh every step under glibc's default allocator): 65 ms per
-    R50-FPN step here against 25 ms fused (docs/SPEED.md); the update rule is the same. CPU only: on CUDA,
+    parameter (180 MB for R50-FPN, mapped afresh every step under glibc's default allocator): 53 ms per
+    R50-FPN step here against 24 ms fused (docs/SPEED.md); the update rule is the same. CPU only: on CUDA,
     detectron2's AMPTrainer unscales gradients before its gradient-clipping step, which a fused step (it
     unscales inside) would skip, and the fused step was not measured there.
     """
