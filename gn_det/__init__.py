@@ -2,6 +2,7 @@
 
 ``import gn_det`` registers gn-det's backbones and heads; ``add_gn_config`` adds its config keys.
 """
+from .errors import InputError
 from .config import add_gn_config, get_gn_cfg
 from . import modeling  # noqa: F401  (registration)
 
