@@ -7,6 +7,8 @@ ECCV 2018 (Eq. 1-7 and Sec. 3-5).
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
+from gn_det.errors import InputError
+
 # Every config key that names the normalization of one norm site ("norm site" = a layer built by
 # detectron2 that accepts ``norm=``). gn-det's builders resolve these names through one factory
 # (gn_det.layers.norm.norm_factory), so "GN" everywhere honours MODEL.GN.*.
@@ -19,8 +21,10 @@ NORM_SITE_KEYS = (
     "MODEL.RETINANET.NORM",
 )
 
-# gn-det's meta-architectures, the ones that apply MODEL.PRECISION and MODEL.CHANNELS_LAST.
+# gn-det's meta-architectures: they, and any subclass of them, apply MODEL.PRECISION and MODEL.CHANNELS_LAST.
 SWITCH_AWARE_META_ARCHITECTURES = ("GNGeneralizedRCNN", "GNRetinaNet")
+# gn-det's ROI heads: they, and any subclass of them, build the CPU fast path (MODEL.CPU_FAST_PATH).
+CPU_FAST_PATH_ROI_HEADS = ("GNStandardROIHeads", "GNRes5ROIHeads")
 
 
 def add_gn_config(cfg):
@@ -45,18 +49,19 @@ def add_gn_config(cfg):
     # gn_det.layers.norm.NORM_NAMES is accepted when the RPN head is "GNRPNHead".
     cfg.MODEL.RPN.NORM = ""
 
-    # --- Speed (not in the paper). Applied by gn-det's meta-architectures whenever the model runs:
-    # training, evaluation, DefaultPredictor, distributed runs.
-    # Compute precision of the forward pass: "fp32", "bf16" (autocast; CPU and CUDA) or "fp16" (autocast,
-    # CUDA only, trained with a gradient scaler). GroupNorm statistics stay in float32 in every mode.
+    # --- Speed (not in the paper; docs/SPEED.md). The two switches are read by gn-det's meta-architectures
+    # wherever the model runs (training, evaluation, DefaultPredictor, distributed runs) and mean the same on
+    # every device. Compute precision of the forward pass: "fp32", "bf16" (autocast; CPU and CUDA) or "fp16"
+    # (autocast, CUDA only, trained with detectron2's AMPTrainer and its gradient scaler); outputs are float32.
     cfg.MODEL.PRECISION = "fp32"
-    # Run convolutions on channels_last (NHWC) tensors, faster for oneDNN/cuDNN kernels.
-    # Either switch away from its default also turns on the rest of the fast path, which changes outputs
-    # only by float rounding and the order of exactly tied scores (docs/SPEED.md, "The switches"):
-    # sparse-matrix ROIAlign pooling into tensors of the features' layout, box-predictor NMS on the top-scoring
-    # pairs first, in-place ReLUs in the heads and, in CPU inference, per-RoI heads run on chunks of RoIs.
-    # (GroupNorm on small channels_last maps runs on an NCHW copy.)
+    # Convolution weights and the image batch in channels_last (NHWC), faster for oneDNN/cuDNN kernels.
     cfg.MODEL.CHANNELS_LAST = False
+    # CPU-specific pieces (gn_det/cpu: sparse-matrix ROIAlign, layout-preserving poolers, top-scores-first NMS,
+    # chunked RoI-head inference, in-place ReLUs, GroupNorm of RoI maps on an NCHW copy, and the fused SGD step:
+    # fused with the rest because it is CPU-specific too, measured faster there, and not detectron2's foreach
+    # step), built into the model; each computes as detectron2 does off the CPU. Outputs change only by float
+    # rounding and the order of exactly tied scores. Needs gn-det's ROI heads (CPU_FAST_PATH_ROI_HEADS).
+    cfg.MODEL.CPU_FAST_PATH = False
 
     # --- Data. COCO-format datasets registered without code, each "NAME=JSON_FILE,IMAGE_DIR"
     # (the same as train_net.py's repeatable --dataset flag). Names can then be used in DATASETS.TRAIN/TEST.
@@ -103,20 +108,32 @@ def check_gn_config(cfg, source="config"):
         raise ValueError(f"{source}: MODEL.GN.DIM_PER_GROUP={gn.DIM_PER_GROUP} must be -1 (off) or >= 1")
     if not gn.EPS > 0:
         raise ValueError(f"{source}: MODEL.GN.EPS={gn.EPS} must be > 0")
-    fast = cfg.MODEL.PRECISION != "fp32" or cfg.MODEL.CHANNELS_LAST
-    if fast and cfg.MODEL.META_ARCHITECTURE not in SWITCH_AWARE_META_ARCHITECTURES:
-        # detectron2's own meta-architectures would silently ignore both switches
-        raise ValueError(
-            f"{source}: MODEL.PRECISION={cfg.MODEL.PRECISION!r} / MODEL.CHANNELS_LAST={cfg.MODEL.CHANNELS_LAST} "
-            f"need MODEL.META_ARCHITECTURE in {SWITCH_AWARE_META_ARCHITECTURES}, not "
-            f"{cfg.MODEL.META_ARCHITECTURE!r}"
-        )
+    check_speed_keys(cfg, source)
     for key in NORM_SITE_KEYS:
         value = select(cfg, key)
         if isinstance(value, str) and value not in NORM_NAMES:
             raise ValueError(
                 f"{source}: {key}={value!r} is not a norm; choose one of {', '.join(map(repr, NORM_NAMES))}"
             )
+
+
+def check_speed_keys(cfg, source="config"):
+    """Raise a one-line InputError when a speed key is set on a model that would silently ignore it."""
+    from gn_det.modeling.heads import builds_cpu_fast_path  # late import: modeling imports this module
+    from gn_det.modeling.meta_arch import honours_switches
+
+    switched = cfg.MODEL.PRECISION != "fp32" or cfg.MODEL.CHANNELS_LAST
+    if switched and not honours_switches(cfg.MODEL.META_ARCHITECTURE):
+        raise InputError(
+            f"{source}: MODEL.PRECISION={cfg.MODEL.PRECISION!r} / MODEL.CHANNELS_LAST={cfg.MODEL.CHANNELS_LAST} "
+            f"need a MODEL.META_ARCHITECTURE of {SWITCH_AWARE_META_ARCHITECTURES} or a subclass, not "
+            f"{cfg.MODEL.META_ARCHITECTURE!r}"
+        )
+    if cfg.MODEL.CPU_FAST_PATH and not builds_cpu_fast_path(cfg.MODEL.ROI_HEADS.NAME):
+        raise InputError(
+            f"{source}: MODEL.CPU_FAST_PATH=True needs a MODEL.ROI_HEADS.NAME of {CPU_FAST_PATH_ROI_HEADS} or a "
+            f"subclass, not {cfg.MODEL.ROI_HEADS.NAME!r}"
+        )
 
 
 def select(cfg, dotted_key):

@@ -1,13 +1,14 @@
 """Optimizer recipe: parameter groups as the paper fine-tunes (no decay on norm γ/β) and linear LR scaling."""
 import logging
 
-import torch
 from tabulate import tabulate
 from torch import nn
 
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.solver import build_optimizer
 from detectron2.solver.build import maybe_add_gradient_clipping
+
+from .cpu import cpu_fast_path, fused_sgd
 
 logger = logging.getLogger(__name__)
 
@@ -43,27 +44,15 @@ def param_group_table(model, optimizer):
 def build_gn_optimizer(cfg, model):
     """detectron2's SGD with ``get_default_optimizer_params``: norm γ/β decay by ``SOLVER.WEIGHT_DECAY_NORM``
     (0 in gn-det's configs, the paper's fine-tuning recipe), biases by ``SOLVER.WEIGHT_DECAY_BIAS`` (None:
-    as weights), everything else by ``SOLVER.WEIGHT_DECAY``. On CPU its step runs fused (:func:`fused_on_cpu`).
-    Logs the resulting groups."""
+    as weights), everything else by ``SOLVER.WEIGHT_DECAY``. With ``MODEL.CPU_FAST_PATH`` and the model's
+    parameters on the CPU its step runs fused (:func:`gn_det.cpu.fused_sgd`). Logs the resulting groups."""
     optimizer = build_optimizer(cfg, model)
-    if torch.device(cfg.MODEL.DEVICE).type == "cpu":
-        optimizer = maybe_add_gradient_clipping(cfg, fused_on_cpu(optimizer))
+    if cpu_fast_path(cfg) and next(model.parameters()).device.type == "cpu":
+        # Not on CUDA: detectron2's AMPTrainer unscales gradients before its gradient-clipping step, which a
+        # fused step (it unscales inside) would skip.
+        optimizer = maybe_add_gradient_clipping(cfg, fused_sgd(optimizer))
     logger.info("Optimizer parameter groups:\n%s", param_group_table(model, optimizer))
     return optimizer
-
-
-def fused_on_cpu(sgd):
-    """The same SGD (groups, settings) with PyTorch's fused step, which updates each parameter in one pass.
-
-    detectron2 builds a foreach SGD, whose weight-decay step allocates a new gradient tensor for every
-    parameter (180 MB for R50-FPN, mapped afresh every step under glibc's default allocator): 53 ms per
-    R50-FPN step here against 24 ms fused (docs/SPEED.md); the update rule is the same. CPU only: on CUDA,
-    detectron2's AMPTrainer unscales gradients before its gradient-clipping step, which a fused step (it
-    unscales inside) would skip, and the fused step was not measured there.
-    """
-    groups = [{key: value for key, value in group.items() if key not in ("foreach", "fused")}
-              for group in sgd.param_groups]
-    return torch.optim.SGD(groups, **{**sgd.defaults, "foreach": None, "fused": True})
 
 
 def scale_schedule_linearly(cfg):

@@ -1,4 +1,5 @@
-"""MODEL.PRECISION / MODEL.CHANNELS_LAST: the fast path keeps outputs, and the switches live with the model.
+"""MODEL.PRECISION / MODEL.CHANNELS_LAST / MODEL.CPU_FAST_PATH: the fast path keeps outputs, the switches live
+with the model, and the CPU pieces are built into it and act only on CPU.
 
 Accuracy guard (tiny R-18 GN FPN, random weights, fixed 128 px input): bf16 + channels_last backbone features are
 within 3% relative L2 error of fp32 (measured ~1.5-1.8%: bfloat16 keeps 8 significant bits) and every training
@@ -23,7 +24,10 @@ from conftest import CONFIG_DIR, GN_FPN, REPO, TINY_OPTS  # noqa: E402
 from gn_det.config import get_gn_cfg  # noqa: E402
 from gn_det.modeling.random_inputs import random_detection_batch  # noqa: E402
 
-FAST = ["MODEL.PRECISION", "bf16", "MODEL.CHANNELS_LAST", "True"]
+SWITCHES = ["MODEL.PRECISION", "bf16", "MODEL.CHANNELS_LAST", "True"]
+FAST = SWITCHES + ["MODEL.CPU_FAST_PATH", "True"]
+STOCK_HEADS = ["MODEL.META_ARCHITECTURE", "GeneralizedRCNN", "MODEL.ROI_HEADS.NAME", "StandardROIHeads",
+               "MODEL.RPN.HEAD_NAME", "StandardRPNHead"]
 SMALL_INPUT = ["INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "128", "MODEL.ROI_HEADS.NUM_CLASSES", "3",
                "MODEL.RETINANET.NUM_CLASSES", "3", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "64",
                "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32"]
@@ -41,10 +45,10 @@ def build(*opts, config=GN_FPN):
     return build_model(tiny_cfg(*opts, config=config))
 
 
-def fp32_and_fast(config=GN_FPN):
-    """An fp32 model and a bf16 + channels_last model with the same weights."""
+def fp32_and_fast(config=GN_FPN, fast_opts=FAST):
+    """An fp32 model and a model built with ``fast_opts`` (bf16 + channels_last + CPU fast path), same weights."""
     reference = build(config=config)
-    fast = build(*FAST, config=config)
+    fast = build(*fast_opts, config=config)
     fast.load_state_dict(reference.state_dict())
     return reference, fast
 
@@ -123,8 +127,8 @@ def test_fast_inference_outputs_are_float32():
 def test_fp32_default_is_stock_generalized_rcnn():
     ours = build()
     assert type(ours).__name__ == "GNGeneralizedRCNN" and ours.precision == "fp32" and not ours.channels_last
-    stock = build("MODEL.META_ARCHITECTURE", "GeneralizedRCNN")
-    assert type(stock) is GeneralizedRCNN
+    stock = build(*STOCK_HEADS)
+    assert type(stock) is GeneralizedRCNN and type(stock.roi_heads).__name__ == "StandardROIHeads"
     stock.load_state_dict(ours.state_dict())
     batch = [{"image": torch.rand(3, 96, 128) * 255, "height": 96, "width": 128}]
     with torch.no_grad():
@@ -170,7 +174,7 @@ def test_default_predictor_gets_the_switches():
 
 
 def test_retinanet_honours_the_switches():
-    reference, fast = fp32_and_fast(config=RETINANET)
+    reference, fast = fp32_and_fast(config=RETINANET, fast_opts=SWITCHES)
     assert type(fast).__name__ == "GNRetinaNet"
     assert list(fast.state_dict()) == list(reference.state_dict())
     stem = record_stem_input(fast, fast.backbone.bottom_up.stem.conv1)
@@ -233,7 +237,7 @@ def random_rois(generator, count, x_range, y_range, size_range):
 def test_sparse_matrix_roi_align_equals_detectron2_roi_align(aligned, sampling_ratio, channels_last):
     from detectron2.layers import ROIAlign
 
-    from gn_det.layers import SparseMatrixROIAlign
+    from gn_det.cpu import SparseMatrixROIAlign
 
     gen = torch.Generator().manual_seed(0)
     features = torch.randn(2, 8, 25, 31, generator=gen)
@@ -255,8 +259,7 @@ def test_sparse_matrix_roi_align_reads_bfloat16_features_as_they_are_in_inferenc
     relative L2 of float32 pooling of the float32 features (measured 0.27%; float32 pooling of the bf16
     features, rounded to bf16, 0.23%). With a gradient to compute it pools in float32, exactly as on a float32
     copy."""
-    from gn_det.layers import SparseMatrixROIAlign
-    from gn_det.layers.roi_align import pools_in_bfloat16
+    from gn_det.cpu import SparseMatrixROIAlign, pools_in_bfloat16
 
     gen = torch.Generator().manual_seed(0)
     features = torch.randn(2, 64, 64, 64, generator=gen).contiguous(memory_format=torch.channels_last)
@@ -277,17 +280,17 @@ def test_sparse_matrix_roi_align_reads_bfloat16_features_as_they_are_in_inferenc
 
 
 def test_fast_path_pools_with_sparse_matrix_roi_align():
-    from gn_det.layers import SparseMatrixROIAlign
-    from gn_det.modeling.poolers import LayoutPreservingROIPooler
+    from gn_det.cpu import LayoutPreservingROIPooler, SparseMatrixROIAlign
 
     def poolers(model):
         names = [type(m).__name__ for m in model.roi_heads.modules()]
         return [name for name in names if name.endswith(("ROIPooler", "ROIAlign"))]
 
     assert set(poolers(build())) == {"ROIPooler", "ROIAlign"}  # fp32 default: detectron2's own
+    assert set(poolers(build(*SWITCHES))) == {"ROIPooler", "ROIAlign"}  # the switches alone change no module
     fast = {LayoutPreservingROIPooler.__name__, SparseMatrixROIAlign.__name__}
     assert set(poolers(build(*FAST))) == fast
-    assert set(poolers(build("MODEL.PRECISION", "bf16"))) == fast
+    assert set(poolers(build("MODEL.CPU_FAST_PATH", "True"))) == fast
 
 
 def fpn_features_and_boxes(channels_last):
@@ -311,15 +314,13 @@ def test_layout_preserving_pooler_equals_detectron2_pooler(channels_last):
     layout (channels_last features: no element-by-element transposition when gathering the levels)."""
     from detectron2.modeling.poolers import ROIPooler
 
-    from gn_det.layers import use_sparse_matrix_roi_align
-    from gn_det.modeling.poolers import LayoutPreservingROIPooler, use_layout_preserving_poolers
+    from gn_det.cpu import LayoutPreservingROIPooler, SparseMatrixROIAlign
 
-    stock = use_sparse_matrix_roi_align(ROIPooler(7, (1 / 4, 1 / 8, 1 / 16, 1 / 32), 0, "ROIAlignV2"))
-    ours = use_layout_preserving_poolers(use_sparse_matrix_roi_align(
-        ROIPooler(7, (1 / 4, 1 / 8, 1 / 16, 1 / 32), 0, "ROIAlignV2")))
+    ours = LayoutPreservingROIPooler.like(ROIPooler(7, (1 / 4, 1 / 8, 1 / 16, 1 / 32), 0, "ROIAlignV2"))
     assert type(ours) is LayoutPreservingROIPooler
+    assert all(type(level) is SparseMatrixROIAlign for level in ours.level_poolers)
     features, boxes = fpn_features_and_boxes(channels_last)
-    expected = stock(features, boxes)
+    expected = ROIPooler.forward(ours, features, boxes)  # detectron2's gather over the same levels
     pooled = ours(features, boxes)
     assert pooled.is_contiguous(memory_format=torch.channels_last) == channels_last
     assert torch.equal(pooled, expected)
@@ -355,7 +356,7 @@ def test_top_scores_first_nms_equals_detectron2(monkeypatch, stacked):
     survivor per class, 10 in all)."""
     from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference_single_image
 
-    import gn_det.modeling.box_predictor as box_predictor
+    import gn_det.cpu.box_predictor as box_predictor
 
     thresholds = []
 
@@ -380,12 +381,16 @@ def test_top_scores_first_nms_equals_detectron2(monkeypatch, stacked):
 def test_fast_path_predicts_boxes_with_top_scores_first():
     from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 
-    from gn_det.modeling.box_predictor import TopScoresFirstOutputLayers
+    from gn_det.cpu import TopScoresFirstOutputLayers
 
-    assert type(build().roi_heads.box_predictor) is FastRCNNOutputLayers  # fp32 default: detectron2's own
+    reference = build()
+    assert type(reference.roi_heads.box_predictor) is FastRCNNOutputLayers  # fp32 default: detectron2's own
+    assert type(build(*SWITCHES).roi_heads.box_predictor) is FastRCNNOutputLayers
     fast = build(*FAST)
     assert type(fast.roi_heads.box_predictor) is TopScoresFirstOutputLayers
-    assert fast.state_dict().keys() == build().state_dict().keys()
+    # same names, and the same initial weights from the same seed (the fast predictor leaves the RNG as it was)
+    for (name, value), expected in zip(fast.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(value, expected), name
 
 
 @pytest.mark.parametrize("option, value, minimum",
@@ -407,10 +412,10 @@ def test_group_norm_on_roi_sized_channels_last_maps_runs_on_an_nchw_copy():
     as they are."""
     import torch.nn.functional as F
 
-    from gn_det.layers.norm import GroupNorm, runs_faster_in_nchw
+    from gn_det.cpu import NCHWCopyGroupNorm, runs_faster_in_nchw
 
     torch.manual_seed(0)
-    norm = GroupNorm(32, 256)
+    norm = NCHWCopyGroupNorm(32, 256)
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)
         norm.bias.uniform_(-0.1, 0.1)
@@ -442,9 +447,11 @@ def count_calls(module):
 
 
 def inference_with_chunk_bytes(model, batch, chunk_bytes):
-    from gn_det.modeling.roi_chunks import use_chunked_roi_inference
+    from gn_det.cpu import RoIChunkedInference
 
-    use_chunked_roi_inference(model, chunk_bytes)
+    for module in model.modules():
+        if isinstance(module, RoIChunkedInference):
+            module.inference_chunk_bytes = chunk_bytes
     with torch.no_grad():
         return model(batch)
 
@@ -459,10 +466,11 @@ def assert_same_instances(results, expected_results):
 
 def test_fast_cpu_inference_runs_roi_heads_in_chunks_with_the_same_outputs():
     """Box and mask heads see the RoIs in chunks (here forced small) and give exactly the unchunked results;
-    training never chunks, and the fp32 default leaves chunking off."""
-    from gn_det.modeling.roi_chunks import INFERENCE_CHUNK_BYTES
+    training never chunks, and without MODEL.CPU_FAST_PATH chunking is off."""
+    from gn_det.cpu import INFERENCE_CHUNK_BYTES
 
     assert build().roi_heads.box_head.inference_chunk_bytes == 0  # fp32 default: detectron2's behaviour
+    assert build(*SWITCHES).roi_heads.mask_head.inference_chunk_bytes == 0
     model = build(*FAST).eval()
     assert model.roi_heads.box_head.inference_chunk_bytes == INFERENCE_CHUNK_BYTES
     assert model.roi_heads.mask_head.inference_chunk_bytes == INFERENCE_CHUNK_BYTES
@@ -496,21 +504,27 @@ def test_fast_cpu_inference_runs_c4_res5_in_chunks_with_the_same_outputs():
 
 def test_fast_path_runs_head_relus_in_place_with_the_same_values():
     """The fast path's head ReLUs (box head, mask head, RPN conv) overwrite their inputs; losses, gradients and
-    detections are exactly those of the same model with out-of-place ReLUs. The fp32 default keeps detectron2's."""
+    detections are exactly those of the same model with detectron2's out-of-place ReLUs. Without
+    MODEL.CPU_FAST_PATH the heads keep detectron2's ``nn.ReLU()``."""
     import copy
 
     from torch import nn
 
-    assert not any(m.inplace for m in build().modules() if isinstance(m, nn.ReLU))
+    from gn_det.cpu import CPUInplaceReLU
+
+    for opts in ([], SWITCHES):
+        relus = [m for m in build(*opts).modules() if isinstance(m, nn.ReLU)]
+        assert relus and all(type(m) is nn.ReLU and not m.inplace for m in relus)
     model = build(*FAST)
     heads = (model.roi_heads.box_head, model.roi_heads.mask_head, model.proposal_generator.rpn_head)
     for head in heads:
         relus = [m for m in head.modules() if isinstance(m, nn.ReLU)]
-        assert relus and all(m.inplace for m in relus), type(head).__name__
+        assert relus and all(type(m) is CPUInplaceReLU for m in relus), type(head).__name__
     reference = copy.deepcopy(model)
-    for module in reference.modules():
-        if isinstance(module, nn.ReLU):
-            module.inplace = False
+    for module in list(reference.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, CPUInplaceReLU):
+                setattr(module, name, nn.ReLU())
 
     batch = random_detection_batch(num_images=2, height=128, width=128, num_classes=3)
     gradients = []
@@ -526,3 +540,130 @@ def test_fast_path_runs_head_relus_in_place_with_the_same_values():
     images = [{"image": torch.rand(3, 128, 128) * 255, "height": 128, "width": 128} for _ in range(2)]
     with torch.no_grad():
         assert_same_instances(model.eval()(images), reference.eval()(images))
+
+
+def test_print_of_the_fast_model_shows_the_cpu_pieces():
+    """The CPU pieces are modules of the model as built: ``print(model)`` names every one of them, and a model
+    without MODEL.CPU_FAST_PATH names none."""
+    cpu_classes = ["LayoutPreservingROIPooler", "SparseMatrixROIAlign", "TopScoresFirstOutputLayers",
+                   "NCHWCopyGroupNorm", "CPUInplaceReLU"]
+    printed = str(build(*FAST))
+    assert all(name in printed for name in cpu_classes), [name for name in cpu_classes if name not in printed]
+    printed = str(build(*SWITCHES))
+    assert not any(name in printed for name in cpu_classes)
+
+
+def spy(monkeypatch, cls, method):
+    """Replace ``cls.method`` by a recorder that calls the original; returns the list of recorded calls."""
+    calls = []
+    original = getattr(cls, method)
+
+    def recorder(self, *args, **kwargs):
+        calls.append(type(self).__name__)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, method, recorder)
+    return calls
+
+
+def test_cpu_pieces_compute_as_detectron2_off_the_cpu(monkeypatch):
+    """A bf16 + CPU-fast-path model built on CPU and moved off it (to the "meta" device, which runs no kernel
+    and stands for a GPU here): each piece hands its input to detectron2's own code, and none of its CPU code
+    runs (tests/test_cuda.py checks the same on a GPU)."""
+    from detectron2.layers import ROIAlign
+    from detectron2.modeling.poolers import ROIPooler
+    from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
+    from detectron2.structures import Boxes, Instances
+    from torch.nn import functional as F
+
+    import gn_det.cpu.box_predictor as box_predictor
+    import gn_det.cpu.roi_align as roi_align
+    from gn_det.cpu import runs_faster_in_nchw
+
+    def cpu_only(*args, **kwargs):
+        raise AssertionError("CPU code ran off the CPU")
+
+    monkeypatch.setattr(roi_align, "roi_align_sampling_matrix", cpu_only)
+    monkeypatch.setattr(box_predictor, "top_scores_first_inference_single_image", cpu_only)
+    model = build(*FAST).to("meta").eval()
+    heads = model.roi_heads
+
+    level = heads.box_pooler.level_poolers[0]
+    roi_align_calls = spy(monkeypatch, ROIAlign, "forward")
+    feature = torch.empty(2, 256, 32, 32, device="meta").contiguous(memory_format=torch.channels_last)
+    pooled = level(feature, torch.zeros(5, 5, device="meta"))
+    assert roi_align_calls == ["SparseMatrixROIAlign"] and pooled.shape == (5, 256, 7, 7)
+
+    pooler_calls = []
+    monkeypatch.setattr(ROIPooler, "forward", lambda self, x, boxes: pooler_calls.append(type(self).__name__))
+    features = [torch.empty(2, 256, 32 // 2**i, 32 // 2**i, device="meta").contiguous(
+        memory_format=torch.channels_last) for i in range(4)]
+    heads.box_pooler(features, [Boxes(torch.zeros(3, 4, device="meta"))] * 2)
+    assert pooler_calls == ["LayoutPreservingROIPooler"]
+
+    inference_calls = []
+    monkeypatch.setattr(FastRCNNOutputLayers, "inference",
+                        lambda self, predictions, proposals: inference_calls.append(type(self).__name__))
+    proposals = [Instances((64, 64), proposal_boxes=Boxes(torch.zeros(3, 4, device="meta")))]
+    heads.box_predictor.inference(heads.box_predictor(torch.empty(3, 1024, device="meta")), proposals)
+    assert inference_calls == ["TopScoresFirstOutputLayers"]
+
+    runs = []
+    heads.box_head.run_in_chunks(lambda x: runs.append(len(x)), torch.empty(5000, 256, 7, 7, device="meta"))
+    assert heads.box_head.inference_chunk_bytes > 0 and runs == [5000]  # all RoIs at once, as detectron2
+
+    roi_map = torch.empty(8, 256, 7, 7, device="meta").contiguous(memory_format=torch.channels_last)
+    assert not runs_faster_in_nchw(roi_map, 32) and runs_faster_in_nchw(torch.empty_like(roi_map, device="cpu"), 32)
+
+    relu = heads.box_head.conv1.activation
+    on_meta, on_cpu = torch.empty(4, device="meta"), torch.randn(4)
+    assert relu(on_meta) is not on_meta and relu(on_cpu) is on_cpu
+    assert torch.equal(relu(torch.tensor([-1.0, 2.0])), F.relu(torch.tensor([-1.0, 2.0])))
+
+
+def test_fused_sgd_is_built_only_for_cpu_parameters_with_the_fast_path():
+    from gn_det.solver import build_gn_optimizer
+
+    def fused(opts, device="cpu"):
+        model = build(*opts).to(device)
+        return all(group["fused"] for group in build_gn_optimizer(tiny_cfg(*opts), model).param_groups)
+
+    assert fused(FAST) and not fused([]) and not fused(SWITCHES) and not fused(FAST, device="meta")
+
+
+def test_a_user_subclass_of_gn_det_meta_architecture_gets_the_switches():
+    from detectron2.modeling import META_ARCH_REGISTRY
+
+    from gn_det.modeling import GNGeneralizedRCNN
+
+    class MyRCNN(GNGeneralizedRCNN):
+        pass
+
+    META_ARCH_REGISTRY.register(MyRCNN)
+    try:
+        model = build(*FAST, "MODEL.META_ARCHITECTURE", "MyRCNN")
+    finally:
+        META_ARCH_REGISTRY._obj_map.pop("MyRCNN")
+    assert type(model) is MyRCNN and model.precision == "bf16" and model.channels_last
+
+
+def test_cpu_fast_path_on_detectron2_roi_heads_is_a_one_line_input_error():
+    from gn_det import InputError
+
+    with pytest.raises(InputError, match=r"MODEL.CPU_FAST_PATH=True needs a MODEL.ROI_HEADS.NAME of .* not "
+                                         r"'StandardROIHeads'") as error:
+        tiny_cfg("MODEL.CPU_FAST_PATH", "True", "MODEL.ROI_HEADS.NAME", "StandardROIHeads")
+    assert "\n" not in str(error.value)
+
+
+def test_cpu_fast_path_on_for_a_cuda_model_is_logged_once(caplog):
+    from gn_det.cpu import cpu_fast_path, log_cpu_fast_path_off_cpu
+
+    log_cpu_fast_path_off_cpu.cache_clear()
+    cfg = tiny_cfg(*FAST)
+    cfg.MODEL.DEVICE = "cuda"
+    with caplog.at_level("WARNING", logger="gn_det.cpu"):
+        assert cpu_fast_path(cfg) and cpu_fast_path(cfg) and cpu_fast_path(tiny_cfg(*FAST))
+    logged = [r.getMessage() for r in caplog.records if r.name == "gn_det.cpu"]
+    assert logged == ["MODEL.CPU_FAST_PATH=True on MODEL.DEVICE='cuda': its pieces compute as detectron2 does off "
+                      "the CPU (gn_det/cpu)"]

@@ -6,12 +6,9 @@ config (``MODEL.GN``) reaches every site.
 """
 import functools
 
-import torch
 from torch import nn
 
 from detectron2.layers import FrozenBatchNorm2d, NaiveSyncBatchNorm, get_norm
-
-from .layout import is_channels_last
 
 # Names accepted at every norm site. "" means no norm (the conv then keeps its bias).
 NORM_NAMES = ("GN", "FrozenBN", "BN", "SyncBN", "naiveSyncBN", "")
@@ -23,36 +20,9 @@ class GroupNorm(nn.GroupNorm):
     It subclasses ``nn.GroupNorm`` so that detectron2's ``get_default_optimizer_params`` treats γ/β as norm
     parameters (``SOLVER.WEIGHT_DECAY_NORM``). Under autocast no cast is needed to keep it accurate: CUDA
     autocast runs ``group_norm`` in float32, and PyTorch's CPU kernel accumulates bfloat16 statistics in
-    float32 (an explicit float32 copy measured the same error at +320 MiB and 5-11% slower inference,
-    docs/SPEED.md).
+    float32 (an explicit float32 copy was measured no more accurate, and slower: docs/SPEED.md).
+    ``MODEL.CPU_FAST_PATH`` builds its subclass :class:`gn_det.cpu.NCHWCopyGroupNorm` instead.
     """
-
-    def forward(self, x):
-        if runs_faster_in_nchw(x, self.num_groups):
-            return super().forward(x.contiguous()).contiguous(memory_format=torch.channels_last)
-        return super().forward(x)
-
-
-# PyTorch's CPU GroupNorm on a channels_last input with H*W below this parallelises over (n, g) and vectorises
-# over the C/G channels of one group only (at::native's GroupNormKernelImplChannelsLastInternal).
-CHANNELS_LAST_SMALL_MAP = 1024
-# Channels per group from which that path fills a vector register (a 512-bit register holds 32 bfloat16).
-FULL_VECTOR_CHANNELS = 32
-
-
-def runs_faster_in_nchw(x, num_groups):
-    """Whether GroupNorm on ``x`` is faster through an NCHW copy and back than on ``x`` as it is.
-
-    True for channels_last CPU maps smaller than ``CHANNELS_LAST_SMALL_MAP`` pixels with fewer than
-    ``FULL_VECTOR_CHANNELS`` channels per group: the RoI features of the box (7x7) and mask (14x14) heads,
-    256 channels in 32 groups of 8. Measured there (bf16, 2 cores, docs/SPEED.md): forward 2.4x faster
-    including both copies and forward + backward 1.3-1.5x, except on a map too large for the cache (256 RoIs
-    of 14x14: forward 20% slower, forward + backward equal); R50-FPN inference 6.5% faster, training unchanged.
-    """
-    return (
-        is_channels_last(x) and x.device.type == "cpu" and x.shape[2] * x.shape[3] < CHANNELS_LAST_SMALL_MAP
-        and x.shape[1] // num_groups < FULL_VECTOR_CHANNELS
-    )
 
 
 class UnsplittableGroupNorm(nn.Module):
@@ -84,21 +54,21 @@ def num_groups_for(channels, num_groups=32, dim_per_group=-1):
     return num_groups if channels % num_groups == 0 else None
 
 
-def make_group_norm(channels, num_groups=32, dim_per_group=-1, eps=1e-5):
+def make_group_norm(channels, num_groups=32, dim_per_group=-1, eps=1e-5, group_norm=GroupNorm):
     groups = num_groups_for(channels, num_groups, dim_per_group)
     if groups is None:
         setting = (
             f"MODEL.GN.DIM_PER_GROUP={dim_per_group}" if dim_per_group > 0 else f"MODEL.GN.NUM_GROUPS={num_groups}"
         )
         return UnsplittableGroupNorm(channels, setting)
-    return GroupNorm(groups, channels, eps=eps)
+    return group_norm(groups, channels, eps=eps)
 
 
-def norm_factory(name, num_groups=32, dim_per_group=-1, eps=1e-5, key="norm"):
+def norm_factory(name, num_groups=32, dim_per_group=-1, eps=1e-5, key="norm", group_norm=GroupNorm):
     """A detectron2 ``norm`` argument for the norm called ``name``.
 
     Returns "" (no norm) for "", else a callable ``channels -> nn.Module``. ``key`` names the config key the
-    name came from, for the error on an unknown name.
+    name came from, for the error on an unknown name; ``group_norm`` is the GroupNorm class "GN" builds.
     """
     if callable(name):
         return name
@@ -107,7 +77,8 @@ def norm_factory(name, num_groups=32, dim_per_group=-1, eps=1e-5, key="norm"):
     if name == "":
         return ""
     if name == "GN":
-        return functools.partial(make_group_norm, num_groups=num_groups, dim_per_group=dim_per_group, eps=eps)
+        return functools.partial(make_group_norm, num_groups=num_groups, dim_per_group=dim_per_group, eps=eps,
+                                 group_norm=group_norm)
     return {"FrozenBN": FrozenBatchNorm2d, "naiveSyncBN": NaiveSyncBatchNorm}.get(
         name, functools.partial(get_norm, name)
     )

@@ -1,28 +1,33 @@
-"""Registered heads whose convs take the configured norm.
+"""Registered heads whose convs take the configured norm, and that build the CPU fast path's pieces.
 
 Each is a thin subclass of the detectron2 head it names: ``from_config`` hands the parent a config whose norm
 keys hold gn-det factories, and the built head is checked (and turned into GN+WS when ``MODEL.GN.WS``) the
-same way as the backbones. Parameter names are the parent's.
+same way as the backbones. Parameter names are the parent's. With ``MODEL.CPU_FAST_PATH`` they are built with
+the pieces of ``gn_det.cpu`` (poolers, box predictor, chunked CPU inference, in-place CPU ReLUs); without it
+they compute exactly as their parents.
 """
 from torch import nn
 
 from detectron2.config import configurable
-from detectron2.layers import Conv2d, get_norm
+from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import META_ARCH_REGISTRY, RPN_HEAD_REGISTRY
 from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from detectron2.modeling.proposal_generator.rpn import StandardRPNHead
 from detectron2.modeling.roi_heads import ROI_BOX_HEAD_REGISTRY, ROI_HEADS_REGISTRY, ROI_MASK_HEAD_REGISTRY
 from detectron2.modeling.roi_heads.box_head import FastRCNNConvFCHead
 from detectron2.modeling.roi_heads.mask_head import MaskRCNNConvUpsampleHead
-from detectron2.modeling.roi_heads.roi_heads import Res5ROIHeads
+from detectron2.modeling.roi_heads.roi_heads import Res5ROIHeads, StandardROIHeads
 
+from ..cpu import (INFERENCE_CHUNK_BYTES, CPUInplaceReLU, LayoutPreservingROIPooler, RoIChunkedInference,
+                   TopScoresFirstOutputLayers, cpu_fast_path, use_cpu_inplace_relus)
 from .meta_arch import PrecisionLayoutMixin
 from .norm_sites import finish_norm_sites, with_norm_factories
-from .roi_chunks import RoIChunkedInference
 
 
 class _ConfiguredNormHead:
-    """Mixin: the parent head is built from a config with norm factories, then finished like a backbone.
+    """Mixin for a per-RoI head: the parent is built from a config with norm factories, then finished like a
+    backbone; ``cpu_fast_path`` (``MODEL.CPU_FAST_PATH``) builds it with in-place CPU ReLUs and chunked CPU
+    inference.
 
     ``site`` is the head's path inside a GeneralizedRCNN, used in error messages.
     """
@@ -33,12 +38,16 @@ class _ConfiguredNormHead:
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(with_norm_factories(cfg), input_shape)
         ret["gn_cfg"] = cfg
+        ret["cpu_fast_path"] = cpu_fast_path(cfg)
         return ret
 
     @configurable
-    def __init__(self, *, gn_cfg, **kwargs):
+    def __init__(self, *, gn_cfg, cpu_fast_path=False, **kwargs):
         super().__init__(**kwargs)
         finish_norm_sites(self, gn_cfg, self.site)
+        if cpu_fast_path:
+            use_cpu_inplace_relus(self)
+            self.inference_chunk_bytes = INFERENCE_CHUNK_BYTES
 
 
 @ROI_BOX_HEAD_REGISTRY.register()
@@ -64,9 +73,48 @@ class GNMaskHead(RoIChunkedInference, _ConfiguredNormHead, MaskRCNNConvUpsampleH
 
 
 @ROI_HEADS_REGISTRY.register()
+class GNStandardROIHeads(StandardROIHeads):
+    """detectron2's StandardROIHeads (FPN Mask R-CNN) whose box and mask poolers and box predictor are, with
+    ``MODEL.CPU_FAST_PATH``, the CPU fast path's: LayoutPreservingROIPooler and TopScoresFirstOutputLayers.
+    Without it, exactly StandardROIHeads."""
+
+    @classmethod
+    def _init_box_head(cls, cfg, input_shape):
+        ret = super()._init_box_head(cfg, input_shape)
+        if cpu_fast_path(cfg):
+            ret["box_pooler"] = LayoutPreservingROIPooler.like(ret["box_pooler"])
+            ret["box_predictor"] = TopScoresFirstOutputLayers.like(
+                ret["box_predictor"], cfg, ret["box_head"].output_shape)
+        return ret
+
+    @classmethod
+    def _init_mask_head(cls, cfg, input_shape):
+        ret = super()._init_mask_head(cfg, input_shape)
+        if "mask_pooler" in ret and ret["mask_pooler"] is not None and cpu_fast_path(cfg):
+            ret["mask_pooler"] = LayoutPreservingROIPooler.like(ret["mask_pooler"])
+        return ret
+
+
+@ROI_HEADS_REGISTRY.register()
 class GNRes5ROIHeads(RoIChunkedInference, Res5ROIHeads):
     """C4 ROI heads: the res5 stage that runs on each RoI takes ``MODEL.RESNETS.NORM`` from gn-det's factory
-    (detectron2's own would build a fixed 32-group ``nn.GroupNorm``)."""
+    (detectron2's own would build a fixed 32-group ``nn.GroupNorm``). With ``MODEL.CPU_FAST_PATH`` its pooler
+    and box predictor are the CPU fast path's and CPU inference runs res5 on chunks of RoIs."""
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        if cpu_fast_path(cfg):
+            ret["pooler"] = LayoutPreservingROIPooler.like(ret["pooler"])
+            ret["box_predictor"] = TopScoresFirstOutputLayers.like(
+                ret["box_predictor"], cfg, ShapeSpec(channels=ret["box_predictor"].cls_score.in_features, height=1, width=1))
+            ret["inference_chunk_bytes"] = INFERENCE_CHUNK_BYTES
+        return ret
+
+    @configurable
+    def __init__(self, *, inference_chunk_bytes=0, **kwargs):
+        super().__init__(**kwargs)
+        self.inference_chunk_bytes = inference_chunk_bytes
 
     def _shared_roi_transform(self, features, boxes):
         # detectron2's (pool, then res5), with res5 run in chunks of RoIs
@@ -80,15 +128,18 @@ class GNRes5ROIHeads(RoIChunkedInference, Res5ROIHeads):
 
 @RPN_HEAD_REGISTRY.register()
 class GNRPNHead(StandardRPNHead):
-    """detectron2's RPN head with an optional norm (``MODEL.RPN.NORM``) after each 3x3 conv.
+    """detectron2's RPN head with an optional norm (``MODEL.RPN.NORM``) after each 3x3 conv; its ReLUs are
+    CPUInplaceReLUs with ``MODEL.CPU_FAST_PATH``.
 
     The paper's RPN has no norm; this is for experiments. The conv keeps its bias so that detectron2's
     initialisation (zero bias on every conv) applies unchanged.
     """
 
     @configurable
-    def __init__(self, *, conv_norm="", gn_cfg=None, **kwargs):
-        self._conv_norm = conv_norm  # read by _get_rpn_conv, which the parent's __init__ calls
+    def __init__(self, *, conv_norm="", gn_cfg=None, cpu_fast_path=False, **kwargs):
+        # read by _get_rpn_conv, which the parent's __init__ calls
+        self._conv_norm = conv_norm
+        self._activation = CPUInplaceReLU if cpu_fast_path else nn.ReLU
         super().__init__(**kwargs)
         if gn_cfg is not None:
             finish_norm_sites(self, gn_cfg, "proposal_generator.rpn_head")
@@ -98,12 +149,13 @@ class GNRPNHead(StandardRPNHead):
         ret = super().from_config(cfg, input_shape)
         ret["conv_norm"] = with_norm_factories(cfg).MODEL.RPN.NORM
         ret["gn_cfg"] = cfg
+        ret["cpu_fast_path"] = cpu_fast_path(cfg)
         return ret
 
     def _get_rpn_conv(self, in_channels, out_channels):
         return Conv2d(
             in_channels, out_channels, kernel_size=3, stride=1, padding=1,
-            norm=get_norm(self._conv_norm, out_channels), activation=nn.ReLU(),
+            norm=get_norm(self._conv_norm, out_channels), activation=self._activation(),
         )
 
 
@@ -120,3 +172,12 @@ class GNRetinaNet(PrecisionLayoutMixin, RetinaNet):
 
 
 
+
+
+def builds_cpu_fast_path(roi_heads):
+    """Whether the registered ROI heads named ``roi_heads`` build the CPU fast path: gn-det's ROI heads and
+    every subclass of them."""
+    try:
+        return issubclass(ROI_HEADS_REGISTRY.get(roi_heads), (GNStandardROIHeads, GNRes5ROIHeads))
+    except KeyError:  # not registered: build_model names it
+        return False

@@ -3,7 +3,8 @@
 
 The switches live in the model, not in a trainer, so they apply wherever the model runs: training, evaluation,
 ``DefaultPredictor``, DDP (which calls the wrapped module's ``forward``) and TTA (which calls ``inference``).
-With the defaults ("fp32", no channels_last) the models behave exactly as detectron2's.
+With the defaults ("fp32", no channels_last) the models behave exactly as detectron2's. The switches mean the
+same on every device; the CPU-specific pieces are a separate key, ``MODEL.CPU_FAST_PATH`` (``gn_det.cpu``).
 
 fp16 training needs a gradient scaler: train with detectron2's ``AMPTrainer`` (``SOLVER.AMP.ENABLED: True``).
 bf16 has float32's exponent range and trains without one.
@@ -16,11 +17,6 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.structures import Boxes, Instances, RotatedBoxes
 
-from ..layers.roi_align import use_sparse_matrix_roi_align
-from .box_predictor import use_top_scores_first_inference
-from .inplace_relu import use_inplace_relus
-from .poolers import use_layout_preserving_poolers
-from .roi_chunks import use_chunked_roi_inference
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISIONS = ("fp32", *AUTOCAST_DTYPES)
@@ -58,14 +54,7 @@ class PrecisionLayoutMixin:
     ``MODEL.PRECISION`` "bf16"/"fp16" runs ``forward`` under ``torch.autocast`` on the model's device and casts
     every output to float32. ``MODEL.CHANNELS_LAST`` converts 4-D parameters to channels_last at build (names
     and values unchanged, so checkpoints load as usual) and feeds the backbone a channels_last batch, the
-    layout oneDNN and cuDNN convolutions run fastest on. With either switch on, the ROI heads pool with
-    :class:`~gn_det.layers.SparseMatrixROIAlign` (same outputs up to rounding, float32 boxes, NHWC-native and
-    several times faster) into tensors of the features' layout
-    (:class:`~gn_det.modeling.poolers.LayoutPreservingROIPooler`), the box predictor runs NMS on its
-    top-scoring pairs first (:class:`~gn_det.modeling.box_predictor.TopScoresFirstOutputLayers`, same
-    detections), CPU inference runs the per-RoI heads on chunks of RoIs
-    (:class:`~gn_det.modeling.roi_chunks.RoIChunkedInference`, same outputs), and the heads' ReLUs run in place
-    (:func:`~gn_det.modeling.inplace_relu.use_inplace_relus`, same values).
+    layout oneDNN and cuDNN convolutions run fastest on. Nothing else: the modules are those the config built.
     """
 
     @classmethod
@@ -83,12 +72,6 @@ class PrecisionLayoutMixin:
         self.channels_last = channels_last
         if channels_last:
             self.to(memory_format=torch.channels_last)
-        if precision != "fp32" or channels_last:
-            use_sparse_matrix_roi_align(self)
-            use_layout_preserving_poolers(self)
-            use_top_scores_first_inference(self)
-            use_chunked_roi_inference(self)
-            use_inplace_relus(self)
 
     def precision_context(self):
         """The autocast context the model computes in (a no-op for fp32)."""
@@ -109,6 +92,15 @@ class PrecisionLayoutMixin:
         if self.channels_last:
             images.tensor = images.tensor.contiguous(memory_format=torch.channels_last)
         return images
+
+
+def honours_switches(meta_architecture):
+    """Whether the registered meta-architecture named ``meta_architecture`` applies ``MODEL.PRECISION`` and
+    ``MODEL.CHANNELS_LAST``: gn-det's meta-architectures and every subclass of them."""
+    try:
+        return issubclass(META_ARCH_REGISTRY.get(meta_architecture), PrecisionLayoutMixin)
+    except KeyError:  # not registered: build_model names it
+        return False
 
 
 @META_ARCH_REGISTRY.register()

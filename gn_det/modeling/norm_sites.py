@@ -5,22 +5,28 @@ callable. Giving them a copy of the config whose norm keys hold gn-det factories
 builders unchanged (ResNet stages, FPN, box/mask/RetinaNet heads) with a configurable GroupNorm.
 """
 from gn_det.config import NORM_SITE_KEYS, check_gn_config
-from gn_det.layers import check_norm_sites, convert_to_ws, norm_factory
+from gn_det.cpu import NCHWCopyGroupNorm, cpu_fast_path
+from gn_det.layers import GroupNorm, check_norm_sites, convert_to_ws, norm_factory
 
 
 def with_norm_factories(cfg):
-    """A copy of ``cfg`` whose norm-site keys (``NORM_SITE_KEYS``) hold norm factories instead of names."""
+    """A copy of ``cfg`` whose norm-site keys (``NORM_SITE_KEYS``) hold norm factories instead of names.
+
+    Their "GN" builds gn-det's GroupNorm, or with ``MODEL.CPU_FAST_PATH`` its CPU subclass NCHWCopyGroupNorm.
+    """
     check_gn_config(cfg)
     resolved = cfg.clone()
     resolved.defrost()
     gn = cfg.MODEL.GN
+    group_norm = NCHWCopyGroupNorm if cpu_fast_path(cfg) else GroupNorm
     for key in NORM_SITE_KEYS:
         *path, leaf = key.split(".")
         node = resolved
         for part in path:
             node = node[part]
         node[leaf] = norm_factory(
-            node[leaf], num_groups=gn.NUM_GROUPS, dim_per_group=gn.DIM_PER_GROUP, eps=gn.EPS, key=key
+            node[leaf], num_groups=gn.NUM_GROUPS, dim_per_group=gn.DIM_PER_GROUP, eps=gn.EPS, key=key,
+            group_norm=group_norm,
         )
     return resolved
 

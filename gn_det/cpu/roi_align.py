@@ -1,11 +1,11 @@
-"""ROIAlign as a sparse x dense matrix product: the CPU fast path's pooler (numbers: docs/SPEED.md)."""
+"""ROIAlign as a sparse x dense matrix product on CPU (measurements: docs/SPEED.md)."""
 import torch
 from torch.nn import functional as F
 from torch.nn.modules.utils import _pair
 
 from detectron2.layers import ROIAlign
 
-from .layout import is_channels_last
+from ..layers.layout import is_channels_last
 
 
 def roi_align_sampling_matrix(rois, spatial_scale, output_size, sampling_ratio, aligned, feature_shape):
@@ -65,22 +65,24 @@ def roi_align_sampling_matrix(rois, spatial_scale, output_size, sampling_ratio, 
 
 
 class SparseMatrixROIAlign(ROIAlign):
-    """detectron2's ROIAlign computed as one sparse x dense matrix product per feature level.
+    """detectron2's ROIAlign, computed on CPU as one sparse x dense matrix product per feature level.
 
     Each output bin is a weighted sum of feature pixels (torchvision's sampling points and bilinear weights,
     see :func:`roi_align_sampling_matrix`), so ROIAlign is ``(R*PH*PW, N*H*W) @ (N*H*W, C)``, run by
     ``F.embedding_bag`` over the NHWC feature rows (a view of channels_last features); autograd's backward is
-    the transposed product. On CPU it is several times faster than torchvision's kernel, whose backward is a
-    single-threaded loop that recomputes the bilinear weights for every channel (numbers: docs/SPEED.md).
-    It always places its sampling points from float32 boxes: detectron2's ROIAlign casts the boxes to the
-    feature dtype, which under bf16 autocast rounds coordinates to 2 px steps between 256 and 512 px. It pools
-    in float32, except in CPU inference on bf16 features (:func:`pools_in_bfloat16`). Float32 outputs equal
-    torchvision's up to float32 summation order (~1e-6); the result has the input's dtype, as with
-    torchvision's autocast wrapper, and its memory format: channels_last features give a channels_last result
-    (the product's own layout, no copy), NCHW features an NCHW one.
+    the transposed product. torchvision's CPU backward is a single-threaded loop that recomputes the bilinear
+    weights for every channel. It places its sampling points from float32 boxes: detectron2's ROIAlign casts
+    the boxes to the feature dtype, which under bf16 autocast rounds coordinates to 2 px steps between 256 and
+    512 px. It pools in float32, except in CPU inference on bf16 features (:func:`pools_in_bfloat16`). Float32
+    outputs equal torchvision's up to float32 summation order (~1e-6); the result has the input's dtype, as
+    with torchvision's autocast wrapper, and its memory format.
+
+    Off the CPU it is detectron2's ROIAlign (torchvision's kernel), whatever the model's settings.
     """
 
     def forward(self, input, rois):
+        if input.device.type != "cpu":
+            return super().forward(input, rois)
         bins_h, bins_w = _pair(self.output_size)
         rows, cols, weights = roi_align_sampling_matrix(
             rois.detach().float(), self.spatial_scale, (bins_h, bins_w), self.sampling_ratio, self.aligned,
@@ -105,23 +107,10 @@ def pools_in_bfloat16(features):
     """Whether :class:`SparseMatrixROIAlign` reads ``features`` as they are, with bfloat16 bilinear weights.
 
     Only in CPU inference on bfloat16 features: PyTorch's CPU ``embedding_bag`` still sums in float32, and
-    skipping the float32 copy of every FPN level makes pooling ~5x faster (p2 of a 512 px image, 1000 RoIs:
-    8 vs 38 ms) at a relative error against float32 pooling of 0.21%, where float32 pooling rounded to the
-    bfloat16 output has 0.17% (docs/SPEED.md). Training pools in float32: its backward accumulates the
+    skipping the float32 copy of every FPN level saves its time at an error of the order of the bfloat16
+    output's own rounding (docs/SPEED.md). Training pools in float32: its backward accumulates the
     gradients of overlapping RoIs into the feature rows, which bfloat16 would round at every addition.
     """
     return (features.dtype == torch.bfloat16 and features.device.type == "cpu"
             and not (torch.is_grad_enabled() and features.requires_grad))
 
-
-def use_sparse_matrix_roi_align(model):
-    """Replace every detectron2 ROIAlign module of ``model`` (ROI heads' poolers) by SparseMatrixROIAlign.
-
-    ROIAlign has no parameters or buffers, so the state dict is unchanged.
-    """
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if type(child) is ROIAlign:
-                setattr(module, name, SparseMatrixROIAlign(
-                    child.output_size, child.spatial_scale, child.sampling_ratio, child.aligned))
-    return model

@@ -1,4 +1,4 @@
-"""Box-predictor inference that runs NMS on the top-scoring candidates first: the fast path's (docs/SPEED.md).
+"""Box-predictor inference that runs NMS on the top-scoring candidates first, on CPU.
 
 detectron2 runs per-class NMS over every (proposal, class) pair above ``MODEL.ROI_HEADS.SCORE_THRESH_TEST``
 (80,000 pairs per image for 1000 proposals x 80 classes at a low threshold) and then keeps the
@@ -7,6 +7,8 @@ alone, so NMS over the pairs above a score t decides those pairs exactly as NMS 
 every survivor above t outranks every pair below it. Once the pairs above t leave ``DETECTIONS_PER_IMAGE``
 survivors, those are the full run's detections, and the rest need no NMS.
 """
+import torch
+
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers, fast_rcnn_inference_single_image
 
 # Pairs that the first NMS runs on, per detection kept; each retry takes 4x more.
@@ -41,15 +43,29 @@ def top_scores_first_inference_single_image(boxes, scores, image_shape, score_th
 
 
 class TopScoresFirstOutputLayers(FastRCNNOutputLayers):
-    """detectron2's FastRCNNOutputLayers whose inference runs NMS on the top-scoring pairs first.
+    """detectron2's FastRCNNOutputLayers whose CPU inference runs NMS on the top-scoring pairs first.
 
     Same parameters, losses and detections (see :func:`top_scores_first_inference_single_image`); only
-    ``inference`` differs.
+    ``inference`` differs, and off the CPU it is detectron2's (``fast_rcnn_inference``: the retry loop reads a
+    threshold with ``.item()``, a device synchronisation per step on a GPU).
     """
 
+    @classmethod
+    def like(cls, predictor, cfg, input_shape):
+        """A TopScoresFirstOutputLayers built from ``cfg`` and ``input_shape`` as detectron2 built ``predictor``,
+        with its weights. The global random state is left as building ``predictor`` left it, so the layers built
+        after it initialise as in detectron2's model."""
+        with torch.random.fork_rng(devices=[]):
+            fast = cls(cfg, input_shape)
+        fast.load_state_dict(predictor.state_dict())
+        return fast
+
     def inference(self, predictions, proposals):
+        if predictions[0].device.type != "cpu":  # predictions: (class scores, box deltas) of every RoI
+            return super().inference(predictions, proposals)
         boxes = self.predict_boxes(predictions, proposals)
         scores = self.predict_probs(predictions, proposals)
+        # detectron2's fast_rcnn_inference: the per-image function over the images, results split in two lists
         results = [
             top_scores_first_inference_single_image(
                 boxes_per_image, scores_per_image, proposals_per_image.image_size, self.test_score_thresh,
@@ -58,16 +74,3 @@ class TopScoresFirstOutputLayers(FastRCNNOutputLayers):
             for boxes_per_image, scores_per_image, proposals_per_image in zip(boxes, scores, proposals)
         ]
         return [instances for instances, _ in results], [kept for _, kept in results]
-
-
-def use_top_scores_first_inference(model):
-    """Make every detectron2 FastRCNNOutputLayers of ``model`` a TopScoresFirstOutputLayers, in place.
-
-    The subclass adds no state, so the module keeps its parameters, names and settings; its class is swapped
-    the way ``torch.nn.utils.parametrize`` swaps a module's class, instead of rebuilding a predictor whose
-    constructor needs the config.
-    """
-    for module in model.modules():
-        if type(module) is FastRCNNOutputLayers:
-            module.__class__ = TopScoresFirstOutputLayers
-    return model
