@@ -66,11 +66,12 @@ def test_linear_lr_scaling_off_by_default():
 
 @pytest.mark.parametrize("clip", [False, True])
 def test_cpu_optimizer_is_detectron2_sgd_run_fused(clip):
-    """On CPU gn-det's SGD keeps detectron2's groups and settings (and gradient clipping) and updates the
-    parameters as detectron2's foreach SGD does, to float rounding, over steps with momentum and decay."""
+    """On CPU with MODEL.CPU_FAST_PATH gn-det's SGD keeps detectron2's groups and settings (and gradient
+    clipping) and updates the parameters as detectron2's foreach SGD does, to float rounding, over steps with
+    momentum and decay."""
     from detectron2.solver import build_optimizer
 
-    cfg = get_gn_cfg(GN_FPN, TINY_OPTS + ["SOLVER.CLIP_GRADIENTS.ENABLED", str(clip),
+    cfg = get_gn_cfg(GN_FPN, TINY_OPTS + ["MODEL.CPU_FAST_PATH", "True", "SOLVER.CLIP_GRADIENTS.ENABLED", str(clip),
                                           "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "0.01"])
     torch.manual_seed(0)
     ours_model, stock_model = build_model(cfg), build_model(cfg)

@@ -2,18 +2,26 @@
 """Train s/iter, inference s/image and peak memory of stock detectron2 GN Mask R-CNN vs gn-det's variants.
 
     python3 tools/benchmark.py --size 512 --images 2 --warmup 1 --repeats 3 --rounds 3 --output benchmark.json
+    python3 tools/benchmark.py ... --baseline-source ../other-checkout   # adds that checkout's code as a variant
 
 Each variant runs in its own subprocess; see gn_det/analysis/benchmark.py for what is measured and how.
 """
 import sys
 
-from gn_det.analysis.benchmark import build_parser, markdown_table, run_benchmark
+import os
+
+from gn_det.analysis.benchmark import build_parser, chosen_variants, markdown_table, run_benchmark
 from gn_det.fileio import write_json_atomically
 
 
 def main(argv):
-    args = build_parser().parse_args(argv)
-    print(f"benchmark: {args.variants} at {args.size}px, {args.images} images, warmup {args.warmup}, "
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if "baseline_fast" in chosen_variants(args) and not args.baseline_source:
+        parser.error("variant baseline_fast needs --baseline-source DIR")
+    if args.baseline_source and not os.path.isdir(os.path.join(args.baseline_source, "gn_det")):
+        parser.error(f"--baseline-source {args.baseline_source}: no gn_det/ package there")
+    print(f"benchmark: {chosen_variants(args)} at {args.size}px, {args.images} images, warmup {args.warmup}, "
           f"repeats {args.repeats}, rounds {args.rounds}, device {args.device}, threads {args.threads or 'default'}",
           flush=True)
 

@@ -1,5 +1,11 @@
 """Side-by-side speed and memory of stock detectron2 GN Mask R-CNN and gn-det's variants (tools/benchmark.py).
 
+The variants (``VARIANTS``): stock detectron2 GN in fp32, and as a user would speed it up without gn-det
+(``d2_gn_bf16_nhwc``: channels_last weights under bf16 autocast; on CUDA also ``d2_gn_amp``, detectron2's own
+``AMPTrainer``); gn-det in fp32, with only ``MODEL.PRECISION bf16`` + ``MODEL.CHANNELS_LAST`` (``gn_switches``)
+and with the CPU fast path as well (``gn_fast``); BN* in fp32; and optionally ``baseline_fast``, the fast
+settings of another checkout's code (``--baseline-source``), timed side by side in the same run.
+
 Every variant runs in a fresh subprocess, so its peak memory (RSS high-water mark on CPU,
 ``torch.cuda.max_memory_allocated`` on CUDA) is its own, on the same deterministic inputs: ``--images``
 random images of exactly ``--size`` x ``--size`` px with box and mask ground truth, and the test resize set
@@ -16,6 +22,7 @@ Times are wall-clock; the JSON also has each run's process CPU time, which is le
 processes sharing the machine (``--threads 1`` makes it more so).
 """
 import argparse
+import functools
 import json
 import os
 import platform
@@ -28,15 +35,29 @@ import time
 
 from tabulate import tabulate
 
-# name -> (config, extra options). A config starting with "detectron2://" is a detectron2 model-zoo file;
-# others are relative to gn-det's configs/ directory.
+D2_GN_CONFIG = "detectron2://Misc/mask_rcnn_R_50_FPN_3x_gn.yaml"
+GN_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x_gn.yaml"
+SWITCHES = ["MODEL.PRECISION", "bf16", "MODEL.CHANNELS_LAST", "True"]
+
+# name -> config, extra options, and for stock detectron2 models how the benchmark wraps them ("wrap"):
+# "bf16_nhwc" converts the weights to channels_last and runs every step under bf16 autocast (what a user gets
+# without gn-det), "amp" trains with detectron2's own AMPTrainer (SOLVER.AMP.ENABLED, fp16, CUDA only) and
+# infers under fp16 autocast. A config starting with "detectron2://" is a detectron2 model-zoo file; others are
+# relative to the configs/ directory of the gn-det the variant imports. "source": the variant imports the gn_det
+# of the checkout given by --baseline-source instead of this one (the code as it is there, with its own
+# configs: its fast path was PRECISION + CHANNELS_LAST alone).
 VARIANTS = {
-    "d2_gn_fp32": ("detectron2://Misc/mask_rcnn_R_50_FPN_3x_gn.yaml", []),
-    "gn_fp32": ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x_gn.yaml", []),
-    "gn_fast": ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x_gn.yaml",
-                ["MODEL.PRECISION", "bf16", "MODEL.CHANNELS_LAST", "True"]),
-    "bnstar_fp32": ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x_bnstar.yaml", []),
+    "d2_gn_fp32": {"config": D2_GN_CONFIG, "options": []},
+    "d2_gn_bf16_nhwc": {"config": D2_GN_CONFIG, "options": [], "wrap": "bf16_nhwc"},
+    "d2_gn_amp": {"config": D2_GN_CONFIG, "options": ["SOLVER.AMP.ENABLED", "True"], "wrap": "amp", "cuda": True},
+    "gn_fp32": {"config": GN_CONFIG, "options": []},
+    "gn_switches": {"config": GN_CONFIG, "options": SWITCHES},
+    "gn_fast": {"config": GN_CONFIG, "options": SWITCHES + ["MODEL.CPU_FAST_PATH", "True"]},
+    "bnstar_fp32": {"config": "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x_bnstar.yaml", "options": []},
+    "baseline_fast": {"config": GN_CONFIG, "options": SWITCHES, "source": "baseline"},
 }
+# The stock peer every variant is also compared with, when it runs.
+PEER = "d2_gn_bf16_nhwc"
 DEFAULT_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                                   "configs")
 
@@ -66,20 +87,42 @@ def build_parser():
     parser.add_argument("--rounds", type=at_least(1), default=1,
                         help="run the whole sequence of variants this many times, each in fresh processes; the "
                              "median is taken over the timed iterations of every round")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
-                        help="variants to run; ratios are to the first one")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
+                        help="variants to run; ratios are to the first one and to d2_gn_bf16_nhwc. Default: all "
+                             "but baseline_fast (added with --baseline-source) and, on CPU, d2_gn_amp")
     parser.add_argument("--config", nargs="*", default=[], metavar="KEY VALUE",
                         help="config overrides applied to every variant, e.g. MODEL.ROI_HEADS.NUM_CLASSES 3")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads per variant; 0: torch's default")
     parser.add_argument("--config-dir", default=DEFAULT_CONFIG_DIR, help="gn-det's configs/ directory")
+    parser.add_argument("--baseline-source", metavar="DIR",
+                        help="a gn-det checkout (the directory holding its gn_det/ and configs/) whose code the "
+                             "baseline_fast variant runs, e.g. a worktree of an earlier commit")
     parser.add_argument("--output", help="write the results (and the settings) to this JSON file")
     return parser
 
 
+def chosen_variants(args):
+    """The variants to run: ``--variants``, or the default set for the device and ``--baseline-source``."""
+    if args.variants:
+        return args.variants
+    on_cuda = args.device.startswith("cuda")
+    return [name for name, spec in VARIANTS.items()
+            if (on_cuda or not spec.get("cuda")) and (args.baseline_source or "source" not in spec)]
+
+
 def is_detectron2_config(name):
     """Whether variant ``name`` is stock detectron2 (a model-zoo config) rather than one of gn-det's."""
-    return VARIANTS[name][0].startswith("detectron2://")
+    return VARIANTS[name]["config"].startswith("detectron2://")
+
+
+def gn_det_root(name, args):
+    """The directory whose ``gn_det`` package variant ``name`` imports."""
+    if "source" in VARIANTS[name]:
+        return os.path.abspath(args.baseline_source)
+    import gn_det
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(gn_det.__file__)))
 
 
 def variant_cfg(name, args):
@@ -88,9 +131,11 @@ def variant_cfg(name, args):
 
     from gn_det.config import get_gn_cfg
 
-    config, extra = VARIANTS[name]
+    config, extra = VARIANTS[name]["config"], VARIANTS[name]["options"]
     if is_detectron2_config(name):
         path = get_config_file(config[len("detectron2://"):])
+    elif "source" in VARIANTS[name]:
+        path = os.path.join(args.baseline_source, "configs", config)
     else:
         path = os.path.join(args.config_dir, config)
     size = str(args.size)
@@ -167,7 +212,11 @@ def measure_variant(name, args):
     Inference runs first, so the memory high-water mark read after it is inference's own; the one read after
     training covers both and is training's (the larger).
     """
+    import contextlib
+    import itertools
+
     import torch
+    from detectron2.engine import AMPTrainer
     from detectron2.modeling import build_model
     from detectron2.solver import build_optimizer
     from detectron2.utils.events import EventStorage
@@ -179,9 +228,18 @@ def measure_variant(name, args):
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     cfg = variant_cfg(name, args)
+    wrap = VARIANTS[name].get("wrap")
     torch.manual_seed(0)
     model = build_model(cfg)
     device = model.device
+    if wrap == "amp" and device.type != "cuda":
+        raise ValueError(f"variant {name} (detectron2's AMPTrainer, fp16) needs --device cuda")
+    autocast = contextlib.nullcontext
+    if wrap == "bf16_nhwc":
+        model.to(memory_format=torch.channels_last)
+        autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
+    elif wrap == "amp":
+        autocast = functools.partial(torch.autocast, device.type, dtype=torch.float16)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     batch = random_detection_batch(num_images=args.images, height=args.size, width=args.size,
@@ -192,7 +250,7 @@ def measure_variant(name, args):
     model.eval()
 
     def inference_step():
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             model(test_batch)
 
     infer_times = timed_calls(inference_step, args.warmup, args.repeats, device)
@@ -205,16 +263,22 @@ def measure_variant(name, args):
         group["lr"] = 0.0
 
     def train_step():
-        losses = model(batch)
+        with autocast():
+            losses = model(batch)
         optimizer.zero_grad()
         sum(losses.values()).backward()
         optimizer.step()
 
+    if wrap == "amp":  # detectron2's own step: autocast, gradient scaler, its metrics
+        train_step = AMPTrainer(model, itertools.repeat(batch), optimizer).run_step
+
     with EventStorage():  # detectron2's heads log training statistics to it
         train_times = timed_calls(train_step, args.warmup, args.repeats, device)
     return with_medians({
-        "config": VARIANTS[name][0],
-        "options": VARIANTS[name][1] + list(args.config),
+        "config": VARIANTS[name]["config"],
+        "options": VARIANTS[name]["options"] + list(args.config),
+        "wrap": wrap,
+        "gn_det": os.path.dirname(os.path.dirname(os.path.abspath(gn_det.__file__))),
         "threads": torch.get_num_threads(),
         "train_times": train_times,
         "infer_times": infer_times,
@@ -224,12 +288,19 @@ def measure_variant(name, args):
 
 
 def measure_in_subprocess(name, args, argv):
-    """``measure_variant`` in a fresh Python process, so peak memory is the variant's alone."""
+    """``measure_variant`` in a fresh Python process, so peak memory is the variant's alone.
+
+    The process runs this file's measurement code with the variant's ``gn_det`` first on its path
+    (:func:`gn_det_root`), so every variant is timed the same way whatever code it runs.
+    """
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [gn_det_root(name, args), *filter(None, [os.environ.get("PYTHONPATH")])])}
     with tempfile.TemporaryDirectory() as tmp:
         result_path = os.path.join(tmp, "result.json")
         proc = subprocess.run(
-            [sys.executable, "-m", "gn_det.analysis.benchmark", "--measure", name, result_path, *argv],
-            capture_output=True, text=True,
+            # -P: the script's own directory (gn_det/analysis) stays off the path
+            [sys.executable, "-P", os.path.abspath(__file__), "--measure", name, result_path, *argv],
+            capture_output=True, text=True, env=env,
         )
         if proc.returncode != 0:
             raise RuntimeError(f"variant {name} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -257,9 +328,10 @@ def run_benchmark(args, argv, on_result=None):
     """
     import torch
 
-    per_round = {name: [] for name in args.variants}
+    variants = chosen_variants(args)
+    per_round = {name: [] for name in variants}
     for _ in range(args.rounds):
-        for name in args.variants:
+        for name in variants:
             per_round[name].append(measure_in_subprocess(name, args, argv))
             if on_result is not None:
                 on_result(name, per_round[name][-1])
@@ -268,14 +340,16 @@ def run_benchmark(args, argv, on_result=None):
         "settings": {"argv": list(argv), "size": args.size, "images": args.images, "warmup": args.warmup,
                      "repeats": args.repeats, "rounds": args.rounds, "device": args.device, "config": args.config,
                      "torch": torch.__version__, "cpus": os.cpu_count(),
-                     "platform": platform.platform()},
-        "baseline": args.variants[0],
+                     "baseline_source": args.baseline_source, "platform": platform.platform()},
+        "baseline": variants[0],
         "variants": results,
     }
 
 
 def markdown_table(report, clock="wall"):
-    """The results as a Markdown table; "x" columns are throughput (or memory) relative to the baseline.
+    """The results as a Markdown table. "x" columns are throughput relative to the baseline (the first variant),
+    "x peer" columns relative to ``d2_gn_bf16_nhwc`` when it ran; "peak vs base" is peak memory relative to the
+    baseline's.
 
     ``clock`` "wall" reports wall-clock times, "cpu" the process CPU times of the same runs.
     """
@@ -283,16 +357,17 @@ def markdown_table(report, clock="wall"):
                             "cpu": ("train_cpu_s_per_iter", "infer_cpu_s_per_image")}[clock]
     unit = "s" if clock == "wall" else "cpu-s"
     base = report["variants"][report["baseline"]]
+    peer = report["variants"].get(PEER)
     rows = []
     for name, r in report["variants"].items():
-        rows.append([
-            name,
-            r[train_key], base[train_key] / r[train_key],
-            r[infer_key], base[infer_key] / r[infer_key],
-            r["train_peak_mib"], r["train_peak_mib"] / base["train_peak_mib"],
-            r["infer_peak_mib"],
-        ])
-    headers = ["variant", f"train {unit}/iter", "train x", f"infer {unit}/img", "infer x",
+        row = [name, r[train_key], base[train_key] / r[train_key]]
+        row += [peer[train_key] / r[train_key]] if peer else []
+        row += [r[infer_key], base[infer_key] / r[infer_key]]
+        row += [peer[infer_key] / r[infer_key]] if peer else []
+        row += [r["train_peak_mib"], r["train_peak_mib"] / base["train_peak_mib"], r["infer_peak_mib"]]
+        rows.append(row)
+    headers = ["variant", f"train {unit}/iter", "train x", *(["train x peer"] if peer else []),
+               f"infer {unit}/img", "infer x", *(["infer x peer"] if peer else []),
                "peak MiB (train)", "peak vs base", "peak MiB (infer)"]
     return tabulate(rows, headers=headers, tablefmt="pipe", floatfmt=".3f")
 
