@@ -56,11 +56,12 @@ def add_gn_config(cfg):
     cfg.MODEL.PRECISION = "fp32"
     # Convolution weights and the image batch in channels_last (NHWC), faster for oneDNN/cuDNN kernels.
     cfg.MODEL.CHANNELS_LAST = False
-    # CPU-specific pieces (gn_det/cpu: sparse-matrix ROIAlign, layout-preserving poolers, top-scores-first NMS,
-    # chunked RoI-head inference, in-place ReLUs, GroupNorm of RoI maps on an NCHW copy, and the fused SGD step:
-    # fused with the rest because it is CPU-specific too, measured faster there, and not detectron2's foreach
-    # step), built into the model; each computes as detectron2 does off the CPU. Outputs change only by float
-    # rounding and the order of exactly tied scores. Needs gn-det's ROI heads (CPU_FAST_PATH_ROI_HEADS).
+    # The CPU fast path (gn_det/cpu, docs/SPEED.md): sparse-matrix ROIAlign, layout-preserving poolers,
+    # top-scores-first NMS, chunked RoI-head inference, in-place ReLUs and GroupNorm of RoI maps on an NCHW copy,
+    # built into the model (needs gn-det's ROI heads, CPU_FAST_PATH_ROI_HEADS); each computes as detectron2 does
+    # off the CPU. Outputs change only by float rounding and the order of exactly tied scores. It also steps SGD
+    # fused for CPU parameters: that step is CPU-specific as well (faster on CPU, docs/SPEED.md; not
+    # AMPTrainer-safe on CUDA) and rounds differently from detectron2's foreach step, so it stays off the defaults.
     cfg.MODEL.CPU_FAST_PATH = False
 
     # --- Data. COCO-format datasets registered without code, each "NAME=JSON_FILE,IMAGE_DIR"

@@ -460,17 +460,27 @@ def inference_with_chunk_bytes(model, batch, chunk_bytes):
         return model(batch)
 
 
-def assert_same_instances(results, expected_results):
+def assert_same_instances(results, expected_results, atol=0.0):
+    """Same instances: integer and boolean fields equal, float fields within ``atol`` (0: bit-equal)."""
     for result, expected in zip(results, expected_results):
         got, want = result["instances"], expected["instances"]
-        assert len(want) > 0
+        assert len(want) > 0 and len(got) == len(want)
         for name, value in want.get_fields().items():
-            assert torch.equal(getattr(got.get(name), "tensor", got.get(name)), getattr(value, "tensor", value)), name
+            got_value, want_value = getattr(got.get(name), "tensor", got.get(name)), getattr(value, "tensor", value)
+            if want_value.is_floating_point():
+                torch.testing.assert_close(got_value, want_value, rtol=0, atol=atol, msg=name)
+            else:
+                assert torch.equal(got_value, want_value), name
+
+
+# bf16 CPU kernels round differently for different numbers of RoIs per call (measured: boxes 1.5e-5 px apart
+# on this test's model, scores and classes equal); the heads' arithmetic per RoI is the same.
+CHUNKED_ATOL = 1e-3
 
 
 def test_fast_cpu_inference_runs_roi_heads_in_chunks_with_the_same_outputs():
-    """Box and mask heads see the RoIs in chunks (here forced small) and give exactly the unchunked results;
-    training never chunks, and without MODEL.CPU_FAST_PATH chunking is off."""
+    """Box and mask heads see the RoIs in chunks (here forced small) and give the unchunked results, up to bf16
+    kernels' rounding; training never chunks, and without MODEL.CPU_FAST_PATH chunking is off."""
     from gn_det.cpu import INFERENCE_CHUNK_BYTES
 
     assert build().roi_heads.box_head.inference_chunk_bytes == 0  # fp32 default: detectron2's behaviour
@@ -486,7 +496,7 @@ def test_fast_cpu_inference_runs_roi_heads_in_chunks_with_the_same_outputs():
     box_calls.clear(), mask_calls.clear()
     results = inference_with_chunk_bytes(model, batch, 256 * 2**10)  # ~10 box-head RoIs, ~2 mask-head RoIs
     assert len(box_calls) > 10 and len(mask_calls) > 10
-    assert_same_instances(results, expected)
+    assert_same_instances(results, expected, atol=CHUNKED_ATOL)
 
     box_calls.clear()
     losses = training_losses(model, random_detection_batch(num_images=2, height=128, width=128, num_classes=3))
@@ -503,7 +513,7 @@ def test_fast_cpu_inference_runs_c4_res5_in_chunks_with_the_same_outputs():
     calls_unchunked = len(res5_calls)
     results = inference_with_chunk_bytes(model, batch, 2 * 2**20)  # 5 RoIs of 14x14x1024 bf16 per chunk
     assert len(res5_calls) - calls_unchunked > 2 * calls_unchunked
-    assert_same_instances(results, expected)
+    assert_same_instances(results, expected, atol=CHUNKED_ATOL)
 
 
 def test_fast_path_runs_head_relus_in_place_with_the_same_values():

@@ -22,8 +22,8 @@ piece                          replaces in detectron2, and why faster      may c
 (box_predictor.py)             the ~4 x ``TEST.DETECTIONS_PER_IMAGE`` best  which of them is kept at the last
                                (box, class) pairs first, not all 80,000    place (follows
                                                                            ``fast_rcnn_inference``)
-``RoIChunkedInference``        box / mask head and C4 res5 inference on    nothing (tested equal)
-(roi_chunks.py)                all RoIs at once: chunks whose activations
+``RoIChunkedInference``        box / mask head and C4 res5 inference on    bf16 kernels' rounding, which
+(roi_chunks.py)                all RoIs at once: chunks whose activations  depends on the RoIs per call
                                stay in cache
 ``CPUInplaceReLU`` (relu.py)   the heads' ``nn.ReLU()``: in place, no      nothing (tested equal)
                                fresh activation tensor per layer

@@ -17,7 +17,8 @@ class RoIChunkedInference:
     ``inference_chunk_bytes`` of activation (0: all at once, detectron2's behaviour).
 
     Every layer of these heads treats each RoI alone (convs, GroupNorm and FrozenBN per sample, FC per row),
-    so chunking changes no output; it keeps each layer's activation small enough to stay in the CPU's cache
+    so chunking changes no arithmetic, only the rounding of kernels whose blocking depends on the number of
+    RoIs per call; it keeps each layer's activation small enough to stay in the CPU's cache
     between the conv that writes it and the norm and ReLU that read it, instead of going through memory.
     The head's constructor sets ``inference_chunk_bytes`` (``MODEL.CPU_FAST_PATH``). Training never chunks
     (no gain measured), nor does a head whose input is off the CPU (a GPU wants large batches).
