@@ -287,6 +287,12 @@ def measure_variant(name, args):
     }, args.images)
 
 
+# The child's code: the working directory (sys.path[0] under -c) leaves the path, so a gn_det/ there cannot shadow
+# the variant's.
+RUN_FILE = ("import runpy, sys; del sys.path[0]; sys.argv = sys.argv[1:]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
 def measure_in_subprocess(name, args, argv):
     """``measure_variant`` in a fresh Python process, so peak memory is the variant's alone.
 
@@ -298,8 +304,9 @@ def measure_in_subprocess(name, args, argv):
     with tempfile.TemporaryDirectory() as tmp:
         result_path = os.path.join(tmp, "result.json")
         proc = subprocess.run(
-            # -P: the script's own directory (gn_det/analysis) stays off the path
-            [sys.executable, "-P", os.path.abspath(__file__), "--measure", name, result_path, *argv],
+            # run as a file, not as ``-m gn_det...``, so the gn_det on PYTHONPATH is the one imported, and through
+            # runpy, so this file's directory (gn_det/analysis) stays off the module path
+            [sys.executable, "-c", RUN_FILE, os.path.abspath(__file__), "--measure", name, result_path, *argv],
             capture_output=True, text=True, env=env,
         )
         if proc.returncode != 0:

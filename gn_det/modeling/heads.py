@@ -72,6 +72,14 @@ class GNMaskHead(RoIChunkedInference, _ConfiguredNormHead, MaskRCNNConvUpsampleH
         return self.run_in_chunks(super().layers, x)
 
 
+def with_cpu_pooler_and_predictor(ret, pooler_key, cfg, predictor_shape):
+    """Make ``ret[pooler_key]`` and ``ret["box_predictor"]`` of an ROI heads' constructor arguments, as detectron2
+    built them, the CPU fast path's (same settings and weights), in place."""
+    ret[pooler_key] = LayoutPreservingROIPooler.like(ret[pooler_key])
+    ret["box_predictor"] = TopScoresFirstOutputLayers.like(ret["box_predictor"], cfg, predictor_shape)
+    return ret
+
+
 @ROI_HEADS_REGISTRY.register()
 class GNStandardROIHeads(StandardROIHeads):
     """detectron2's StandardROIHeads (FPN Mask R-CNN) whose box and mask poolers and box predictor are, with
@@ -82,9 +90,7 @@ class GNStandardROIHeads(StandardROIHeads):
     def _init_box_head(cls, cfg, input_shape):
         ret = super()._init_box_head(cfg, input_shape)
         if cpu_fast_path(cfg):
-            ret["box_pooler"] = LayoutPreservingROIPooler.like(ret["box_pooler"])
-            ret["box_predictor"] = TopScoresFirstOutputLayers.like(
-                ret["box_predictor"], cfg, ret["box_head"].output_shape)
+            with_cpu_pooler_and_predictor(ret, "box_pooler", cfg, ret["box_head"].output_shape)
         return ret
 
     @classmethod
@@ -105,9 +111,8 @@ class GNRes5ROIHeads(RoIChunkedInference, Res5ROIHeads):
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
         if cpu_fast_path(cfg):
-            ret["pooler"] = LayoutPreservingROIPooler.like(ret["pooler"])
-            ret["box_predictor"] = TopScoresFirstOutputLayers.like(
-                ret["box_predictor"], cfg, ShapeSpec(channels=ret["box_predictor"].cls_score.in_features, height=1, width=1))
+            res5_shape = ShapeSpec(channels=ret["box_predictor"].cls_score.in_features, height=1, width=1)
+            with_cpu_pooler_and_predictor(ret, "pooler", cfg, res5_shape)
             ret["inference_chunk_bytes"] = INFERENCE_CHUNK_BYTES
         return ret
 
