@@ -96,7 +96,7 @@ class GNStandardROIHeads(StandardROIHeads):
     @classmethod
     def _init_mask_head(cls, cfg, input_shape):
         ret = super()._init_mask_head(cfg, input_shape)
-        if "mask_pooler" in ret and ret["mask_pooler"] is not None and cpu_fast_path(cfg):
+        if ret.get("mask_pooler") is not None and cpu_fast_path(cfg):  # None: MASK_ON off, or no pooler
             ret["mask_pooler"] = LayoutPreservingROIPooler.like(ret["mask_pooler"])
         return ret
 
