@@ -33,15 +33,15 @@ RESULTS_FILE = "predictions.json"
 
 
 class Predictor:
-    """A model in eval mode with the test-time resize of its config; call it on an RGB ``HxWx3`` uint8 array.
+    """A model in eval mode with its config's test-time augmentation (the resize); call it on an RGB HxWx3 array.
 
     The call follows detectron2's ``DefaultPredictor.__call__``, which needs a YAML config; this class is
     built from the model and its settings so that LazyConfig models run the same way.
     """
 
-    def __init__(self, model, resize, metadata):
+    def __init__(self, model, augmentation, metadata):
         self.model = model.eval()
-        self.resize = resize
+        self.augmentation = augmentation
         self.metadata = metadata
         self.input_format = model.input_format
         self.device = next(model.parameters()).device
@@ -50,7 +50,9 @@ class Predictor:
         """The model's output for one image (a dict with ``"instances"``, in the image's coordinates)."""
         image = rgb_image[:, :, ::-1] if self.input_format == "BGR" else rgb_image
         height, width = image.shape[:2]
-        image = self.resize.get_transform(image).apply_image(image)
+        resized = T.AugInput(image)
+        self.augmentation(resized)  # transforms resized.image in place
+        image = resized.image
         tensor = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)).astype("float32"), device=self.device)
         with torch.no_grad():
             return self.model([{"image": tensor, "height": height, "width": width}])[0]

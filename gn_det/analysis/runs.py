@@ -46,11 +46,19 @@ class Run:
         return max(peaks) if peaks else None
 
 
+def run_labels(run_dirs, labels=None):
+    """``labels`` (one distinct label per run folder) or, without, the folder names."""
+    if labels is None:
+        return [os.path.basename(os.path.normpath(d)) for d in run_dirs]
+    if len(labels) != len(run_dirs) or len(set(labels)) != len(labels):
+        raise InputError(f"--labels: {len(labels)} labels ({', '.join(labels)}) for {len(run_dirs)} run folders; "
+                         "give one distinct label per run")
+    return list(labels)
+
+
 def load_runs(run_dirs, labels=None):
-    """A :class:`Run` per folder, named by ``labels`` (one per folder) or by the folder names."""
-    if labels is not None and len(labels) != len(run_dirs):
-        raise InputError(f"--labels: {len(labels)} labels ({', '.join(labels)}) for {len(run_dirs)} run folders")
-    return [Run(d, name) for d, name in zip(run_dirs, labels or [None] * len(run_dirs))]
+    """A :class:`Run` per folder, named by ``labels`` (see :func:`run_labels`)."""
+    return [Run(d, name) for d, name in zip(run_dirs, run_labels(run_dirs, labels))]
 
 
 def _final_results(path):

@@ -6,6 +6,7 @@ first from a config and weights (:func:`evaluate_run`). Panels are drawn with de
 and the dataset's ``MetadataCatalog`` entry, titled with the run's label and its box / mask AP.
 """
 import os
+import re
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from detectron2.utils.visualizer import Visualizer
 
 from gn_det.errors import InputError
 
-from .runs import Run
+from .runs import Run, run_labels
 
 PREDICTIONS_FILE = "instances_predictions.pth"
 MATCH_IOU = 0.5  # a ground-truth mask counts as found by a same-class prediction with this mask IoU
@@ -189,10 +190,7 @@ def visualize_runs(run_dirs, out_dir, labels=None, dataset=None, num_images=4, s
     if dataset is None:
         raise InputError(f"{run_dirs[0]}: no config.yaml naming DATASETS.TEST; give --dataset")
     check_dataset(dataset)
-    labels = labels or [os.path.basename(os.path.normpath(d)) for d in run_dirs]
-    if len(labels) != len(run_dirs) or len(set(labels)) != len(labels):
-        raise InputError(f"--labels: {len(labels)} labels ({', '.join(labels)}) for {len(run_dirs)} run folders; "
-                         "give one distinct label per run")
+    labels = run_labels(run_dirs, labels)
     runs, to_evaluate = {}, {}
     for run_dir, label in zip(run_dirs, labels):
         if os.path.isfile(predictions_path(run_dir, dataset)):
@@ -206,7 +204,8 @@ def visualize_runs(run_dirs, out_dir, labels=None, dataset=None, num_images=4, s
         for flag, path in (("--weights", run_weights), ("--config-file", run_config)):
             if not os.path.isfile(path):
                 raise InputError(f"{run_dir}: {flag} {path} is not a file")
-        to_evaluate[run_dir] = (run_config, run_weights, os.path.join(out_dir, "inference", label))
+        folder = re.sub(r"[^\w.+-]", "_", label)  # a label such as "BN*" or "a/b" as one plain folder name
+        to_evaluate[run_dir] = (run_config, run_weights, os.path.join(out_dir, "inference", folder))
     records = DatasetCatalog.get(dataset)
     metadata = MetadataCatalog.get(dataset)
 
