@@ -170,27 +170,9 @@ def draw_panels(record, runs, predictions, metadata, to_contiguous, score_thresh
     return np.concatenate(panels, axis=1)
 
 
-def visualize_runs(run_dirs, out_dir, labels=None, dataset=None, num_images=4, selection="differ",
-                   score_threshold=0.5, scale=1.0, config_file=None, weights=None, sheet=None):
-    """Write ``out_dir/<image>.png`` for ``num_images`` images of ``dataset``: ground truth and each run's
-    predictions side by side (and, with ``sheet``, all rows stacked into that one PNG). Returns the paths.
-
-    ``dataset`` defaults to the ``DATASETS.TEST`` of the first run's config.yaml. A run without saved
-    predictions is evaluated first from ``weights`` (a file, or a file name inside each run folder such as
-    ``model_final.pth``) and ``config_file`` (default: the run's config.yaml), into ``out_dir/inference/``.
-    Every input is checked before anything is written.
-    """
-    if selection not in SELECTIONS:
-        raise InputError(f"--select: {selection!r} is not one of {', '.join(SELECTIONS)}")
-    for run_dir in run_dirs:
-        if not os.path.isdir(run_dir):
-            raise InputError(f"{run_dir}: not a folder")
-    run_datasets = [run_dataset(d) for d in run_dirs]  # registers what each run registered
-    dataset = dataset or run_datasets[0]
-    if dataset is None:
-        raise InputError(f"{run_dirs[0]}: no config.yaml naming DATASETS.TEST; give --dataset")
-    check_dataset(dataset)
-    labels = run_labels(run_dirs, labels)
+def plan_runs(run_dirs, labels, dataset, weights, config_file, out_dir):
+    """``({run_dir: Run}, {run_dir: (config, weights, evaluation folder)})``: the runs whose predictions of
+    ``dataset`` are saved, and how to evaluate each other one (see :func:`visualize_runs`)."""
     runs, to_evaluate = {}, {}
     for run_dir, label in zip(run_dirs, labels):
         if os.path.isfile(predictions_path(run_dir, dataset)):
@@ -206,6 +188,33 @@ def visualize_runs(run_dirs, out_dir, labels=None, dataset=None, num_images=4, s
                 raise InputError(f"{run_dir}: {flag} {path} is not a file")
         folder = re.sub(r"[^\w.+-]", "_", label)  # a label such as "BN*" or "a/b" as one plain folder name
         to_evaluate[run_dir] = (run_config, run_weights, os.path.join(out_dir, "inference", folder))
+    return runs, to_evaluate
+
+
+def visualize_runs(run_dirs, out_dir, labels=None, dataset=None, num_images=4, selection="differ",
+                   score_threshold=0.5, scale=1.0, config_file=None, weights=None, sheet=None):
+    """Write ``out_dir/<image>.png`` for ``num_images`` images of ``dataset``: ground truth and each run's
+    predictions side by side (and, with ``sheet``, all rows stacked into that one PNG). Returns the paths.
+
+    ``dataset`` defaults to the ``DATASETS.TEST`` of the first run's config.yaml. A run without saved
+    predictions is evaluated first from ``weights`` (a file, or a file name inside each run folder such as
+    ``model_final.pth``) and ``config_file`` (default: the run's config.yaml), into ``out_dir/inference/``.
+    Every input is checked before anything is written.
+    """
+    if selection not in SELECTIONS:
+        raise InputError(f"--select: {selection!r} is not one of {', '.join(SELECTIONS)}")
+    if num_images < 1 or scale <= 0:
+        raise InputError(f"--images {num_images} / --scale {scale}: both must be positive")
+    for run_dir in run_dirs:
+        if not os.path.isdir(run_dir):
+            raise InputError(f"{run_dir}: not a folder")
+    run_datasets = [run_dataset(d) for d in run_dirs]  # registers what each run registered
+    dataset = dataset or run_datasets[0]
+    if dataset is None:
+        raise InputError(f"{run_dirs[0]}: no config.yaml naming DATASETS.TEST; give --dataset")
+    check_dataset(dataset)
+    labels = run_labels(run_dirs, labels)
+    runs, to_evaluate = plan_runs(run_dirs, labels, dataset, weights, config_file, out_dir)
     records = DatasetCatalog.get(dataset)
     metadata = MetadataCatalog.get(dataset)
 
