@@ -58,8 +58,11 @@ class Predictor:
             return self.model([{"image": tensor, "height": height, "width": width}])[0]
 
 
-def check_weights(weights):
-    """A local weights file must exist (URLs and ``detectron2://`` paths are left to the checkpointer)."""
+def check_model_files(config_file, weights):
+    """The config file and a local weights file must exist (URLs and ``detectron2://`` paths are left to the
+    checkpointer)."""
+    if not os.path.isfile(config_file):
+        raise InputError(f"--config-file: {config_file} is not a file")
     if "://" not in weights and not os.path.isfile(weights):
         raise InputError(f"--weights: {weights} is not a file")
 
@@ -71,9 +74,7 @@ def default_device(device):
 
 def yaml_config(config_file, weights, opts=(), device=None):
     """The checked, frozen gn-det config of a YAML file with ``weights`` and ``KEY VALUE`` overrides."""
-    if not os.path.isfile(config_file):
-        raise InputError(f"--config-file: {config_file} is not a file")
-    check_weights(weights)
+    check_model_files(config_file, weights)
     cfg = get_gn_cfg(config_file, list(opts) + ["MODEL.WEIGHTS", weights])
     cfg.MODEL.DEVICE = default_device(device or cfg.MODEL.DEVICE)
     cfg.freeze()
@@ -88,7 +89,7 @@ def model_from_config(cfg):
 
 
 def dataset_metadata(names):
-    """The metadata of the first registered dataset of ``names`` (class names), else an empty one."""
+    """The metadata of the first dataset of ``names`` (with its class names when it is registered)."""
     return MetadataCatalog.get(names[0]) if names else MetadataCatalog.get("__unlabelled__")
 
 
@@ -109,9 +110,7 @@ def load_predictor(config_file, weights, opts=(), device=None):
 def _lazy_predictor(config_file, weights, opts, device):
     """A LazyConfig's ``model``, device ``train.device``, resize and dataset of ``dataloader.test``, as
     detectron2's ``tools/lazyconfig_train_net.py`` reads them."""
-    if not os.path.isfile(config_file):
-        raise InputError(f"--config-file: {config_file} is not a file")
-    check_weights(weights)
+    check_model_files(config_file, weights)
     cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), list(opts))
     if "model" not in cfg:
         raise InputError(f"{config_file}: a Python config needs a 'model' to predict with")
