@@ -208,9 +208,9 @@ def coco_results(instances, image_id, file_name, to_dataset_id, class_names):
 
 
 def predict_images(predictor, paths, out_dir, score_threshold=0.5, scale=1.0, coco_json=None):
-    """Predict every image of ``paths`` (from :func:`expand_inputs`); write ``out_dir/<stem>.png`` (predictions scoring at least
-    ``score_threshold`` drawn with detectron2's ``Visualizer``) and ``out_dir/predictions.json`` (COCO results
-    of every prediction the model returns). All inputs are checked before ``out_dir`` is created.
+    """Predict every image of ``paths`` (from :func:`expand_inputs`); write ``out_dir/<stem>.png`` (predictions
+    scoring at least ``score_threshold`` drawn with detectron2's ``Visualizer``) and ``out_dir/predictions.json``
+    (COCO results of every prediction the model returns). All inputs are checked before ``out_dir`` is created.
     Returns the path of the JSON file."""
     names = output_names(paths)
     image_ids, to_dataset_id = coco_ids(paths, coco_json, predictor.metadata)

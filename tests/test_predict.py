@@ -42,8 +42,8 @@ def predict_tool(*args):
 def test_predict_on_a_folder_writes_a_png_per_image_and_coco_results(tiny_shapes_runs, tmp_path):
     run, val = tiny_shapes_runs["gn"], os.path.join(tiny_shapes_runs["shapes"], "val")
     out, val_json = tmp_path / "predictions", os.path.join(tiny_shapes_runs["shapes"], "val.json")
-    proc = predict_tool("--config-file", os.path.join(run, "config.yaml"), "--weights", os.path.join(run, "model_final.pth"),
-                        val, "--out", str(out), "--coco-json", val_json, "--scale", "2")
+    proc = predict_tool("--config-file", os.path.join(run, "config.yaml"),
+                        "--weights", os.path.join(run, "model_final.pth"), val, "--out", str(out), "--coco-json", val_json, "--scale", "2")
     assert proc.returncode == 0, proc.stderr[-4000:]
     images = sorted(os.listdir(val))
     assert sorted(os.listdir(out)) == sorted([os.path.splitext(f)[0] + ".png" for f in images] + ["predictions.json"])
@@ -74,7 +74,8 @@ def test_python_config_predicts_like_a_yaml_one(tiny_shapes_runs, tmp_path):
     config.write_text(LAZY_CONFIG)
     torch.manual_seed(0)
     DetectionCheckpointer(instantiate(LazyConfig.load(str(config)).model), save_dir=str(tmp_path)).save("random")
-    predictor = load_predictor(str(config), str(tmp_path / "random.pth"), ["model.roi_heads.box_predictor.test_topk_per_image=5"])
+    predictor = load_predictor(str(config), str(tmp_path / "random.pth"),
+                               ["model.roi_heads.box_predictor.test_topk_per_image=5"])
     image = os.path.join(shapes, "val", sorted(os.listdir(os.path.join(shapes, "val")))[0])
     json_path = predict_images(predictor, expand_inputs([image]), str(tmp_path / "out"), score_threshold=0.0)
     results = json.loads(open(json_path).read())
@@ -96,7 +97,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_shapes_runs, tmp_path):
     with pytest.raises(InputError, match="--weights: .*nothing.pth is not a file"):
         load_predictor(os.path.join(tiny_shapes_runs["gn"], "config.yaml"), str(tmp_path / "nothing.pth"))
     proc = predict_tool("--config-file", os.path.join(tiny_shapes_runs["gn"], "config.yaml"), "--weights",
-                        os.path.join(tiny_shapes_runs["gn"], "model_final.pth"), val, str(broken), "--out", str(tmp_path / "out"))
+                        os.path.join(tiny_shapes_runs["gn"], "model_final.pth"), val, str(broken),
+                        "--out", str(tmp_path / "out"))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(f"predict.py: error: {broken}: not a readable image")
     assert not (tmp_path / "out").exists()

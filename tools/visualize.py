@@ -23,7 +23,8 @@ def main():
     parser.add_argument("--labels", nargs="+", metavar="LABEL", help="panel title of each run (default: folder names)")
     parser.add_argument("--images", type=int, default=4, metavar="N", help="number of images (default: %(default)s)")
     parser.add_argument("--dataset", metavar="NAME", help="registered dataset (default: the first run's DATASETS.TEST)")
-    parser.add_argument("--select", choices=SELECTIONS, default="differ", help="how images are chosen (default: %(default)s)")
+    parser.add_argument("--select", choices=SELECTIONS, default="differ",
+                        help="how images are chosen (default: %(default)s)")
     parser.add_argument("--score-threshold", type=float, default=0.5, help="draw predictions scoring at least this")
     parser.add_argument("--scale", type=float, default=1.0, help="panel size relative to the image")
     parser.add_argument("--weights", metavar="FILE",
