@@ -14,3 +14,33 @@ TINY_OPTS = ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", 
 @pytest.fixture(scope="session")
 def d2():
     return pytest.importorskip("detectron2")
+
+
+@pytest.fixture(scope="session")
+def tiny_shapes_runs(d2, tmp_path_factory):
+    """Two finished runs, GN and BN*, of 3 iterations on 4 val images at 128 px, evaluated (so each has
+    results.json and inference/vis_val/instances_predictions.pth) with every detection kept (score >= 0):
+    ``{"gn": dir, "bnstar": dir, "shapes": dir of the generated dataset}``."""
+    import subprocess
+    import sys
+
+    from gn_det.data import generate_shapes
+
+    root = tmp_path_factory.mktemp("tiny_shapes")
+    generate_shapes(str(root / "shapes"), num_train=4, num_val=4, image_size=128)
+    data = root / "shapes"
+    runs = {"shapes": str(data)}
+    for norm in ("gn", "bnstar"):
+        runs[norm] = str(root / norm)
+        proc = subprocess.run(
+            [sys.executable, os.path.join(REPO, "tools", "train_net.py"),
+             "--config-file", os.path.join(CONFIG_DIR, "shapes", f"mask_rcnn_R_18_FPN_{norm}.yaml"),
+             f"--dataset=vis_train={data}/train.json,{data}/train", f"--dataset=vis_val={data}/val.json,{data}/val",
+             "DATASETS.TRAIN", "('vis_train',)", "DATASETS.TEST", "('vis_val',)",
+             "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "128", "INPUT.MIN_SIZE_TEST", "128",
+             "INPUT.MAX_SIZE_TEST", "128", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1",
+             "SOLVER.MAX_ITER", "3", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32", "DATALOADER.NUM_WORKERS", "0",
+             "TEST.EVAL_PERIOD", "0", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "OUTPUT_DIR", runs[norm]],
+            cwd=REPO, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return runs

@@ -5,7 +5,8 @@ import pytest
 
 pytest.importorskip("detectron2")  # gn_det's package imports it
 
-from gn_det.analysis.runs import Run  # noqa: E402
+from gn_det import InputError  # noqa: E402
+from gn_det.analysis.runs import Run, comparison_rows, load_runs  # noqa: E402
 
 
 def write_lines(path, rows, tail=""):
@@ -27,3 +28,16 @@ def test_final_results_come_from_results_json(tmp_path):
     run = Run(str(tmp_path))
     assert run.metric("bbox/AP") == 12.5 and run.metric("segm/AP") == 11.0
     assert run.series("bbox/AP") == [(99, 10.0)]
+
+
+def test_labels_name_the_runs_in_order(tmp_path):
+    for name, ap in (("a", 10.0), ("b", 12.0)):
+        (tmp_path / name).mkdir()
+        write_lines(tmp_path / name / "metrics.json", [{"iteration": 9, "bbox/AP": ap}])
+    runs = load_runs([str(tmp_path / "a"), str(tmp_path / "b")], ["GN", "BN*"])
+    assert [row["run"] for row in comparison_rows(runs)] == ["GN", "BN*"]
+    assert [r.name for r in load_runs([str(tmp_path / "a")])] == ["a"]  # the folder name without labels
+    with pytest.raises(InputError, match="1 labels .* for 2 run folders"):
+        load_runs([str(tmp_path / "a"), str(tmp_path / "b")], ["GN"])
+    with pytest.raises(InputError, match="neither results.json nor metrics.json"):
+        load_runs([str(tmp_path / "missing")])

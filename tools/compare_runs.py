@@ -1,20 +1,29 @@
 #!/usr/bin/env python3
 """Compare training runs side by side: a paper-style Markdown table (Δ to the first run), CSV and a plot.
 
-    python tools/compare_runs.py output/shapes/mask_rcnn_R_18_FPN_gn output/shapes/mask_rcnn_R_18_FPN_bnstar
+    python tools/compare_runs.py output/shapes/mask_rcnn_R_18_FPN_gn output/shapes/mask_rcnn_R_18_FPN_bnstar \\
+        --labels GN "BN*"
 """
 import argparse
 import os
+import sys
 
-from gn_det.analysis.runs import Run, comparison_rows, markdown_table, plot_runs, write_csv
+from gn_det import InputError
+from gn_det.analysis.runs import comparison_rows, load_runs, markdown_table, plot_runs, write_csv
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="OUTPUT_DIR of each run; the first is the reference")
+    parser.add_argument("--labels", nargs="+", metavar="LABEL",
+                        help="names of the runs in the table and plot, one per RUN_DIR (default: the folder names)")
     parser.add_argument("--out", default="comparison", help="prefix of the CSV and PNG written (default: %(default)s)")
     args = parser.parse_args()
-    runs = [Run(d) for d in args.run_dirs]
+    try:
+        runs = load_runs(args.run_dirs, args.labels)
+    except InputError as err:
+        print(f"compare_runs.py: error: {err}", file=sys.stderr)
+        sys.exit(2)
     rows = comparison_rows(runs)
     print(markdown_table(rows))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

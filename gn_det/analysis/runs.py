@@ -6,6 +6,8 @@ import statistics
 
 from tabulate import tabulate
 
+from gn_det.errors import InputError
+
 METRICS = ("bbox/AP", "bbox/AP50", "bbox/AP75", "segm/AP", "segm/AP50", "segm/AP75")
 
 
@@ -18,7 +20,7 @@ class Run:
         results_path = os.path.join(output_dir, "results.json")
         metrics_path = os.path.join(output_dir, "metrics.json")
         if not os.path.exists(results_path) and not os.path.exists(metrics_path):
-            raise FileNotFoundError(f"{output_dir}: neither results.json nor metrics.json; is it a run's OUTPUT_DIR?")
+            raise InputError(f"{output_dir}: neither results.json nor metrics.json; is it a run's OUTPUT_DIR?")
         self.final = _final_results(results_path) if os.path.exists(results_path) else {}
         self.log = _read_metrics(metrics_path) if os.path.exists(metrics_path) else []
 
@@ -42,6 +44,21 @@ class Run:
     def peak_memory_mb(self):
         peaks = [row["peak_memory_mb"] for row in self.log if "peak_memory_mb" in row]
         return max(peaks) if peaks else None
+
+
+def run_labels(run_dirs, labels=None):
+    """``labels`` (one distinct label per run folder) or, without, the folder names."""
+    if labels is None:
+        return [os.path.basename(os.path.normpath(d)) for d in run_dirs]
+    if len(labels) != len(run_dirs) or len(set(labels)) != len(labels):
+        raise InputError(f"--labels: {len(labels)} labels ({', '.join(labels)}) for {len(run_dirs)} run folders; "
+                         "give one distinct label per run")
+    return list(labels)
+
+
+def load_runs(run_dirs, labels=None):
+    """A :class:`Run` per folder, named by ``labels`` (see :func:`run_labels`)."""
+    return [Run(d, name) for d, name in zip(run_dirs, run_labels(run_dirs, labels))]
 
 
 def _final_results(path):

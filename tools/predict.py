@@ -1,0 +1,41 @@
+#!/usr/bin/env python3
+"""Run a trained model on images, folders or globs: one PNG per image with the predictions drawn, and
+DIR/predictions.json with every prediction as COCO results (box, RLE mask, score, category id and name).
+
+    python tools/predict.py --config-file configs/shapes/mask_rcnn_R_18_FPN_gn.yaml \\
+        --weights output/shapes/mask_rcnn_R_18_FPN_gn/model_final.pth my_images/ "more/*.jpg" --out predictions/
+"""
+import argparse
+import sys
+
+from gn_det import InputError
+from gn_det.predict import expand_inputs, load_predictor, predict_images
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True, metavar="FILE", help="the model's YAML or Python config")
+    parser.add_argument("--weights", required=True, metavar="FILE", help="checkpoint to load (e.g. model_final.pth)")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders of images or globs")
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder for the PNGs and predictions.json")
+    parser.add_argument("--device", help="cpu or cuda[:N] (default: the config's; CPU where there is no CUDA)")
+    parser.add_argument("--score-threshold", type=float, default=0.5,
+                        help="draw predictions scoring at least this (the JSON keeps all; default: %(default)s)")
+    parser.add_argument("--scale", type=float, default=1.0, help="size of the drawn PNGs relative to the images")
+    parser.add_argument("--coco-json", metavar="FILE",
+                        help="COCO file listing the images: image and category ids of the JSON are its ids")
+    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
+                        help="config overrides, last: KEY VALUE pairs (YAML) or key=value strings (Python config)")
+    args = parser.parse_args()
+    try:
+        paths = expand_inputs(args.inputs)  # checked before the model loads and before --out is created
+        predictor = load_predictor(args.config_file, args.weights, args.opts, args.device)
+        json_path = predict_images(predictor, paths, args.out, args.score_threshold, args.scale, args.coco_json)
+    except InputError as err:
+        print(f"predict.py: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {len(paths)} PNGs and {json_path}")
+
+
+if __name__ == "__main__":
+    main()
