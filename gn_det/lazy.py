@@ -115,7 +115,7 @@ def set_norm(model, norm, path="model"):
 def label_group_norm_sites(node, path="model"):
     """Fill in the ``site`` of every GN spec in ``node`` that has none, so an error names its config field."""
     for parent, name, site in norm_slots(node, path):
-        value = parent[name]
+        value = parent.get(name)
         if _is_group_norm_spec(value) and not value.get("site"):
             value.site = site
 

@@ -78,13 +78,15 @@ def check_lazy_config(cfg, source, eval_only):
 
 
 def use_available_device(cfg):
-    """``train.device`` cuda without a CUDA device becomes cpu, and fp16 AMP (CUDA only) is switched off."""
-    if str(cfg.train.device).startswith("cuda") and not torch.cuda.is_available():
-        logger.info("No CUDA device: running on CPU")
-        cfg.train.device = "cpu"
-        if OmegaConf.select(cfg, "train.amp.enabled", default=False):
-            logger.info("train.amp.enabled: fp16 autocast needs CUDA; training in float32")
-            cfg.train.amp.enabled = False
+    """``train.device`` cuda without a CUDA device becomes cpu, and fp16 AMP (CUDA only) is switched off.
+    Returns what changed, for the log."""
+    if not (str(cfg.train.device).startswith("cuda") and not torch.cuda.is_available()):
+        return ""
+    cfg.train.device = "cpu"
+    if OmegaConf.select(cfg, "train.amp.enabled", default=False):
+        cfg.train.amp.enabled = False
+        return "No CUDA device: running on CPU, in float32 (train.amp.enabled needs CUDA)"
+    return "No CUDA device: running on CPU"
 
 
 def build_lazy_model(cfg):
@@ -151,7 +153,7 @@ def train_or_evaluate_lazy(args):
     register_datasets(args.dataset)
     cfg = load_lazy_config(args.config_file, args.opts)
     check_lazy_config(cfg, args.config_file, args.eval_only)
-    use_available_device(cfg)
+    device_change = use_available_device(cfg)
     # the model is built before default_setup writes config.yaml, so a bad group setting leaves an earlier
     # run's files as they were; default_setup's seeding, done first for the same initial weights
     seed = OmegaConf.select(cfg, "train.seed", default=-1)
@@ -159,6 +161,8 @@ def train_or_evaluate_lazy(args):
     model = build_lazy_model(cfg)
     default_setup(cfg, args)
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="gn_det", abbrev_name="gn_det")
+    if device_change:
+        logger.info(device_change)
     logger.info("Model:\n%s", model)
     if args.eval_only:
         DetectionCheckpointer(model, save_dir=cfg.train.output_dir).resume_or_load(
