@@ -241,7 +241,7 @@ def test_shapes_lazy_config_trains_evaluates_resumes_through_train_net(tmp_path,
     results = json.loads((out / "results.json").read_text())
     assert set(results["tiny_lazy_val"]) == {"bbox", "segm"}
 
-    proc = run_train_net("--config-file", SHAPES_PY, *common, "train.max_iter=3", "--resume")
+    proc = run_train_net("--config-file", SHAPES_PY, "--resume", *common, "train.max_iter=3")
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "Starting training from iteration 2" in proc.stderr + (out / "log.txt").read_text()
 

@@ -7,6 +7,8 @@ from detectron2 import model_zoo
 from gn_det.lazy import no_weight_decay_on_norm
 
 dataloader = model_zoo.get_config("common/data/coco.py").dataloader
+# explicit: inferred from predictions, a model that detects nothing yet would report no mask AP
+dataloader.evaluator.tasks = ("bbox", "segm")
 model = model_zoo.get_config("common/models/mask_rcnn_c4.py").model
 optimizer = model_zoo.get_config("common/optim.py").SGD
 train = model_zoo.get_config("common/train.py").train

@@ -47,6 +47,8 @@ dataloader.test.mapper.augmentations = [L(T.ResizeShortestEdge)(short_edge_lengt
 dataloader.train.mapper.instance_mask_format = "bitmask"  # the shapes masks are RLE
 dataloader.train.total_batch_size = 4
 dataloader.train.num_workers = dataloader.test.num_workers = 1
+# explicit: inferred from predictions, a model that detects nothing yet would report no mask AP
+dataloader.evaluator.tasks = ("bbox", "segm")
 
 optimizer = model_zoo.get_config("common/optim.py").SGD
 no_weight_decay_on_norm(optimizer)
