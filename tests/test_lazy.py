@@ -229,10 +229,12 @@ SMALL_SHAPES = ["dataloader.train.dataset.names=tiny_lazy_train", "dataloader.te
                 "dataloader.test.num_workers=0", "train.log_period=1"]
 
 
-def test_shapes_lazy_config_trains_evaluates_resumes_through_train_net(tmp_path, tiny_lazy_shapes):
+def test_shapes_lazy_config_trains_on_two_processes_resumes_and_evaluates_through_train_net(tmp_path, tiny_lazy_shapes):
     out = tmp_path / "run"
     common = [*tiny_lazy_shapes, *SMALL_SHAPES, f"train.output_dir={out}"]
-    proc = run_train_net("--config-file", SHAPES_PY, *common, "train.max_iter=2", "train.checkpointer.period=1")
+    # two processes (gloo on CPU), then a resume and an evaluation in one
+    proc = run_train_net("--config-file", SHAPES_PY, "--num-gpus", "2", *common, "train.max_iter=2",
+                         "train.checkpointer.period=1")
     assert proc.returncode == 0, proc.stderr[-4000:]
     log = (out / "log.txt").read_text()
     assert "Optimizer parameter groups" in log and "GroupNorm γ/β" in log
