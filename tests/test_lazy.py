@@ -274,3 +274,13 @@ def test_bad_lazy_input_is_one_line_and_writes_nothing(tmp_path, tiny_lazy_shape
 def test_missing_lazy_config_file_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         load_lazy_config(str(tmp_path / "nope.py"))
+
+
+def test_lazy_config_without_a_section_the_run_needs_names_it():
+    from gn_det.engine.lazy_train import check_lazy_config
+
+    cfg = LazyConfig.load(SHAPES_PY)
+    del cfg.lr_multiplier
+    check_lazy_config(cfg, "my.py", eval_only=True)  # evaluation needs no schedule
+    with pytest.raises(InputError, match=r"^my\.py: no lr_multiplier "):
+        check_lazy_config(cfg, "my.py", eval_only=False)

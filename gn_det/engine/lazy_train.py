@@ -39,7 +39,8 @@ logger = logging.getLogger(__name__)
 
 # The sections the training body reads (detectron2's configs/common/train.py and data/coco.py layout).
 REQUIRED_KEYS = ("model", "train.output_dir", "train.init_checkpoint", "train.max_iter", "train.device")
-TRAIN_KEYS = ("dataloader.train", "optimizer", "lr_multiplier")
+TRAIN_KEYS = ("dataloader.train", "optimizer", "lr_multiplier", "train.amp.enabled", "train.checkpointer",
+              "train.eval_period", "train.log_period")
 
 
 def is_lazy_config(path):
