@@ -35,7 +35,12 @@ def _target(node):
     if not isinstance(node, DictConfig) or "_target_" not in node:
         return None
     target = node._target_
-    return locate(target) if isinstance(target, str) else target
+    if not isinstance(target, str):
+        return target
+    try:
+        return locate(target)
+    except ImportError:  # hydra's locate raises it, over several lines, for a name that does not import
+        raise InputError(f"_target_ {target!r} cannot be imported (no such module or attribute)") from None
 
 
 def _norm_arguments(node):

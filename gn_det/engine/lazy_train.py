@@ -96,7 +96,8 @@ def build_lazy_model(cfg):
     return instantiate(cfg.model).to(cfg.train.device)
 
 
-def test_split_name(cfg):
+def evaluated_dataset_name(cfg):
+    """The key of results.json: the test dataset's name (names joined by commas for several)."""
     names = OmegaConf.select(cfg, "dataloader.test.dataset.names", default="test")
     return names if isinstance(names, str) else ",".join(names)
 
@@ -109,7 +110,7 @@ def do_test(cfg, model):
     results = inference_on_dataset(model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator))
     if comm.is_main_process():
         print_csv_format(results)
-        write_results(cfg.train.output_dir, {test_split_name(cfg): results})
+        write_results(cfg.train.output_dir, {evaluated_dataset_name(cfg): results})
     return results
 
 
