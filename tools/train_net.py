@@ -5,21 +5,17 @@
     python tools/train_net.py --config-file CONFIG --num-gpus 8 [KEY VALUE ...]
     python tools/train_net.py --config-file CONFIG --eval-only MODEL.WEIGHTS output/model_final.pth
     python tools/train_net.py --config-file CONFIG --dataset mine=ann.json,images/ DATASETS.TRAIN "('mine',)"
+
+Bad input (config, datasets, weights, images) exits with one line naming the offender.
 """
-import sys
-
-from detectron2.engine import launch
-
-from gn_det.engine import INPUT_ERRORS, argument_parser, train_or_evaluate
+from gn_det.engine import argument_parser, launch, train_or_evaluate
+from gn_det.errors import exit_on_input_error
 
 
 def main():
     args = argument_parser().parse_args()
-    try:
-        launch(train_or_evaluate, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-               dist_url=args.dist_url, args=(args,))
-    except INPUT_ERRORS as err:  # bad input: one line naming the offender, no traceback
-        sys.exit(f"train_net.py: error: {err.args[0]}")
+    with exit_on_input_error("train_net.py"):
+        launch(train_or_evaluate, args)
 
 
 if __name__ == "__main__":

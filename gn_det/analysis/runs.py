@@ -6,6 +6,8 @@ import statistics
 
 from tabulate import tabulate
 
+from gn_det.errors import InputError
+
 METRICS = ("bbox/AP", "bbox/AP50", "bbox/AP75", "segm/AP", "segm/AP50", "segm/AP75")
 
 
@@ -18,7 +20,7 @@ class Run:
         results_path = os.path.join(output_dir, "results.json")
         metrics_path = os.path.join(output_dir, "metrics.json")
         if not os.path.exists(results_path) and not os.path.exists(metrics_path):
-            raise FileNotFoundError(f"{output_dir}: neither results.json nor metrics.json; is it a run's OUTPUT_DIR?")
+            raise InputError(f"{output_dir}: neither results.json nor metrics.json; is it a run's OUTPUT_DIR?")
         self.final = _final_results(results_path) if os.path.exists(results_path) else {}
         self.log = _read_metrics(metrics_path) if os.path.exists(metrics_path) else []
 

@@ -18,6 +18,7 @@ from typing import List, Optional
 
 from tabulate import tabulate
 
+from ..errors import InputError
 from ..fileio import write_json_atomically
 from .runs import Run
 
@@ -49,12 +50,12 @@ SYNC_BN_PROCESSES = 2
 
 
 def norm_label(name):
-    """The norm label ("BN*") of a label or slug ("BNstar"), in any case; ValueError naming the choices otherwise."""
+    """The norm label ("BN*") of a label or slug ("BNstar"), in any case; InputError naming the choices otherwise."""
     by_slug = {slug.lower(): label for label, slug in NORM_SLUGS.items()}
     by_label = {label.lower(): label for label in NORM_SLUGS}
     label = by_label.get(name.lower()) or by_slug.get(name.lower())
     if label is None:
-        raise ValueError(f"norm {name!r} is not one of {', '.join(NORM_SLUGS)} (BN* also as BNstar, any case)")
+        raise InputError(f"norm {name!r} is not one of {', '.join(NORM_SLUGS)} (BN* also as BNstar, any case)")
     return label
 
 
@@ -138,7 +139,7 @@ def expand_grid(norms, ims, groups=None, dims_per_group=None):
     for value, what in [(n, "images per batch") for n in ims] + [(g, "G") for g in groups] + [
             (d, "C/G") for d in dims_per_group]:
         if value < 1:
-            raise ValueError(f"{what} must be >= 1, got {value}")
+            raise InputError(f"{what} must be >= 1, got {value}")
     if not groups and not dims_per_group:
         groups = [32]
     group_settings = [{"num_groups": g} for g in groups] + [{"dim_per_group": d} for d in dims_per_group]

@@ -23,6 +23,7 @@ from gn_det.analysis.feature_stats import (
     read_feature_stats,
     write_feature_stats,
 )
+from gn_det.errors import InputError
 
 from .setup import train_or_evaluate
 from .trainer import GNTrainer
@@ -35,18 +36,18 @@ def default_feature_layer(model):
     the input of its norm (the raw conv output), or at the conv's output when it has no norm."""
     convs = [(name, m) for name, m in model.named_modules() if isinstance(m, Conv2d) and ".res5." in f".{name}"]
     if not convs:
-        raise ValueError("the model has no res5 stage; choose the layer to record (--layer MODULE_PATH)")
+        raise InputError("the model has no res5 stage; choose the layer to record (--layer MODULE_PATH)")
     name, conv = convs[-1]
     return (f"{name}.norm", "input") if conv.norm is not None else (name, "output")
 
 
 def find_module(model, path):
-    """``model``'s submodule at ``path``; ValueError naming the closest existing paths otherwise."""
+    """``model``'s submodule at ``path``; InputError naming the closest existing paths otherwise."""
     modules = dict(model.named_modules())
     if path not in modules:
         close = difflib.get_close_matches(path, [n for n in modules if n], n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"the model has no module {path!r} to record features of{hint}")
+        raise InputError(f"the model has no module {path!r} to record features of{hint}")
     return modules[path]
 
 
@@ -63,9 +64,9 @@ class FeatureStatsHook(HookBase):
 
     def __init__(self, output_dir, layer=None, where=None, period=10):
         if where is not None and where not in WHERE:
-            raise ValueError(f"where={where!r}; choose one of {', '.join(map(repr, WHERE))}")
+            raise InputError(f"where={where!r}; choose one of {', '.join(map(repr, WHERE))}")
         if period < 1:
-            raise ValueError(f"feature stats period={period} must be >= 1")
+            raise InputError(f"feature stats period={period} must be >= 1")
         self._output_dir = output_dir
         self._layer, self._where, self._period = layer, where, period
         self._handle = None
@@ -97,7 +98,7 @@ class FeatureStatsHook(HookBase):
             return fresh
         earlier = read_feature_stats(self._output_dir)
         if (earlier["layer"], earlier["where"]) != (self._layer, self._where):
-            raise ValueError(
+            raise InputError(
                 f"{os.path.join(self._output_dir, FEATURE_STATS_FILE)} records {earlier['layer']} "
                 f"({earlier['where']}), not {self._layer} ({self._where}); use another OUTPUT_DIR or the same layer"
             )
@@ -109,7 +110,7 @@ class FeatureStatsHook(HookBase):
             return
         self._wanted = False  # the first call of the iteration: a module called twice is measured once
         if not isinstance(value, torch.Tensor):
-            raise ValueError(f"{self._layer} ({self._where}) is a {type(value).__name__}, not a tensor; "
+            raise InputError(f"{self._layer} ({self._where}) is a {type(value).__name__}, not a tensor; "
                              "choose a module that takes/returns one tensor")
         self._captured = feature_percentiles(value)
 
