@@ -7,12 +7,15 @@ Each variant runs in its own subprocess; see gn_det/analysis/benchmark.py for wh
 """
 import sys
 
-from gn_det.analysis.benchmark import build_parser, markdown_table, run_benchmark
+from gn_det.analysis.benchmark import build_parser, markdown_table, run_benchmark, variant_cfg
+from gn_det.errors import exit_on_input_error
 from gn_det.fileio import write_json_atomically
 
 
 def main(argv):
     args = build_parser().parse_args(argv)
+    for name in args.variants:  # a bad --config KEY VALUE stops here, before any variant runs
+        variant_cfg(name, args)
     print(f"benchmark: {args.variants} at {args.size}px, {args.images} images, warmup {args.warmup}, "
           f"repeats {args.repeats}, rounds {args.rounds}, device {args.device}, threads {args.threads or 'default'}",
           flush=True)
@@ -33,4 +36,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with exit_on_input_error("benchmark.py"):
+        main(sys.argv[1:])

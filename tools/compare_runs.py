@@ -7,6 +7,7 @@ import argparse
 import os
 
 from gn_det.analysis.runs import Run, comparison_rows, markdown_table, plot_runs, write_csv
+from gn_det.errors import exit_on_input_error
 
 
 def main():
@@ -24,4 +25,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_input_error("compare_runs.py"):
+        main()

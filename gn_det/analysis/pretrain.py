@@ -153,6 +153,7 @@ def pretrain_classifier(norm, train_data, val_data, iters=400, batch_size=64, lr
                         log_period=50):
     """Train :func:`build_classifier` (``norm``) on ``train_data`` = (crops, labels) from :func:`instance_crops`
     with SGD (momentum 0.9), warm-up + cosine LR, random crops and flips; report accuracy on ``val_data``."""
+    check_pretrain_settings(iters, batch_size)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = build_classifier(norm)
@@ -187,6 +188,13 @@ def classifier_accuracy(model, images, labels, batch_size=256):
         logits = model(normalize(center_crop(images[i:i + batch_size])))
         correct += (logits.argmax(1) == labels[i:i + batch_size]).sum().item()
     return correct / len(labels)
+
+
+def check_pretrain_settings(iters, batch_size):
+    """An InputError naming the setting when there would be nothing to train."""
+    for name, value in (("iters", iters), ("batch_size", batch_size)):
+        if value < 1:
+            raise InputError(f"{name}={value} must be >= 1")
 
 
 def pretrain_and_save(norm, data_root, path, **train_kwargs):

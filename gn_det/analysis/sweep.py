@@ -18,6 +18,7 @@ from typing import List, Optional
 
 from tabulate import tabulate
 
+from ..config import get_gn_cfg
 from ..errors import InputError
 from ..fileio import write_json_atomically
 from .runs import Run
@@ -180,6 +181,14 @@ def cell_command(cell, run_dir, config_file, train_command, opts=(), cuda_device
     tools/train_net.py]``) with ``--resume``, so an interrupted cell continues from its last checkpoint."""
     return [*train_command, "--config-file", config_file, "--num-gpus", str(cell.processes), "--resume",
             *cell.opts(cuda_devices), *opts, "OUTPUT_DIR", run_dir]
+
+
+def check_sweep_options(cells, config_file, opts=(), cuda_devices=0):
+    """Load the config of every supported cell (``config_file``, the cell's options, then ``opts``), so a bad
+    KEY VALUE (unknown key, wrong type, invalid setting) is an InputError before any cell is trained."""
+    for cell in cells:
+        if not cell.unsupported_reason():
+            get_gn_cfg(config_file, [*cell.opts(cuda_devices), *opts])
 
 
 def run_sweep(cells, out_dir, config_file, train_command, opts=(), cuda_devices=0):

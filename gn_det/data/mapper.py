@@ -19,13 +19,14 @@ class CheckedDatasetMapper(DatasetMapper):
     def __call__(self, dataset_dict):
         try:
             return super().__call__(dataset_dict)
-        except OSError:
-            # PIL raises OSError for a truncated or unrecognised file; so may other reads of the mapper (e.g.
-            # a semantic segmentation file): only the image's own failure to decode is bad input.
+        except (OSError, SyntaxError):
+            # PIL raises OSError for a truncated or unrecognised file and SyntaxError for a broken PNG; so may
+            # other reads of the mapper (e.g. a semantic segmentation file): only the image's own failure to
+            # decode is bad input.
             file_name = dataset_dict["file_name"]
             try:
                 utils.read_image(file_name, format=self.image_format)
-            except OSError as err:
+            except (OSError, SyntaxError) as err:
                 names = ", ".join(map(repr, self.dataset_names))
                 raise InputError(
                     f"image {file_name} of dataset {names} cannot be decoded ({' '.join(str(err).split())}); "
