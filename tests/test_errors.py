@@ -91,7 +91,7 @@ def bad_input_cases(tmp_path, truncated_checkpoint):
         ("unregistered dataset", ["--config-file", GN_SHAPES, "DATASETS.TRAIN", "('unregistered',)"],
          ["DATASETS.TRAIN", "'unregistered'"]),
         ("dataset JSON missing", ["--config-file", GN_SHAPES, f"--dataset=x={tmp_path}/none.json,{tmp_path}"],
-         [f"{tmp_path}/none.json"]),
+         [f"dataset 'x': annotation file {tmp_path}/none.json does not exist"]),
     ]
 
 
@@ -100,8 +100,9 @@ def test_each_bad_input_is_one_line_and_leaves_the_earlier_run_unchanged(tmp_pat
     before = file_hashes(earlier_run)
     for case, args, expected in bad_input_cases(tmp_path, truncated_checkpoint):
         # the tiny datasets and settings go first: the case's options override them
-        proc = run_tool("train_net.py", *args[:2], *tiny_shapes, *TINY_OPTS, *SMALL, *args[2:],
-                        "OUTPUT_DIR", str(earlier_run))
+        flags = args[:2] + [a for a in args[2:] if a.startswith("--")]  # --config-file FILE, --dataset=...
+        opts = [a for a in args[2:] if not a.startswith("--")]
+        proc = run_tool("train_net.py", *flags, *tiny_shapes, *TINY_OPTS, *SMALL, *opts, "OUTPUT_DIR", str(earlier_run))
         line = one_line_error(proc, "train_net.py")
         for text in expected:
             assert text in line, (case, line)
@@ -128,8 +129,8 @@ def test_an_image_that_cannot_be_decoded_names_the_file_and_dataset(tmp_path, ti
     out.mkdir()
     (out / "model_0000009.pth").write_bytes(b"an earlier checkpoint")
     # one DataLoader worker: its error reaches the trainer wrapped in the worker's traceback text
-    proc = run_tool("train_net.py", "--config-file", GN_SHAPES, *tiny_shapes, *SMALL, "DATALOADER.NUM_WORKERS", "1",
-                    f"--dataset=broken={root}/train.json,{root}/train", "DATASETS.TRAIN", "('broken',)",
+    proc = run_tool("train_net.py", "--config-file", GN_SHAPES, f"--dataset=broken={root}/train.json,{root}/train",
+                    *tiny_shapes, *SMALL, "DATALOADER.NUM_WORKERS", "1", "DATASETS.TRAIN", "('broken',)",
                     "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(out))
     line = one_line_error(proc, "train_net.py")
     assert f"image {root}/train/" in line and "of dataset 'broken' cannot be decoded" in line, line
