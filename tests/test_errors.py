@@ -86,6 +86,8 @@ def bad_input_cases(tmp_path, truncated_checkpoint):
          ["MODEL.WEIGHTS", str(not_a_checkpoint), "not a readable checkpoint"]),
         ("weights truncated", ["--config-file", GN_SHAPES, "MODEL.WEIGHTS", str(truncated_checkpoint)],
          [str(truncated_checkpoint), "not a readable checkpoint"]),
+        ("fp16 on CPU", ["--config-file", GN_SHAPES, "MODEL.PRECISION", "fp16"],
+         ["MODEL.PRECISION='fp16' needs a CUDA device"]),
         ("AMP on CPU", ["--config-file", GN_SHAPES, "SOLVER.AMP.ENABLED", "True"], ["SOLVER.AMP.ENABLED=True", "CUDA"]),
         ("batch size 0", ["--config-file", GN_SHAPES, "SOLVER.IMS_PER_BATCH", "0"], ["SOLVER.IMS_PER_BATCH=0"]),
         ("unregistered dataset", ["--config-file", GN_SHAPES, "DATASETS.TRAIN", "('unregistered',)"],
@@ -135,6 +137,24 @@ def test_an_image_that_cannot_be_decoded_names_the_file_and_dataset(tmp_path, ti
     line = one_line_error(proc, "train_net.py")
     assert f"image {root}/train/" in line and "of dataset 'broken' cannot be decoded" in line, line
     assert (out / "model_0000009.pth").read_bytes() == b"an earlier checkpoint"
+
+
+def test_undecodable_training_images_are_skipped_with_a_warning_behind_the_config_key(tmp_path, tiny_shapes):
+    root = tmp_path / "one_broken"
+    generate_shapes(str(root), num_train=4, num_val=2, image_size=128)
+    *broken, good = sorted((root / "train").iterdir())  # 3 of 4: every batch of 2 meets one
+    for image in broken:
+        image.write_bytes(image.read_bytes()[:200])
+    out = tmp_path / "run"
+    proc = run_tool("train_net.py", "--config-file", GN_SHAPES, f"--dataset=one_broken={root}/train.json,{root}/train",
+                    *tiny_shapes, *SMALL, "DATASETS.TRAIN", "('one_broken',)", "DATALOADER.SKIP_UNDECODABLE_IMAGES",
+                    "True", "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warnings = [line for line in (out / "log.txt").read_text().splitlines() if "cannot be decoded" in line]
+    assert warnings and "skipped (DATALOADER.SKIP_UNDECODABLE_IMAGES; 1 skipped in this process)" in warnings[0]
+    assert any(f"image {image} of dataset 'one_broken'" in warnings[0] for image in broken)
+    assert not any(str(good) in line for line in warnings)
+    assert (out / "model_final.pth").exists()
 
 
 def test_bad_input_in_spawned_workers_is_one_line_from_the_parent(earlier_run, tiny_shapes):

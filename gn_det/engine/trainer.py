@@ -77,7 +77,8 @@ class GNTrainer(DefaultTrainer):
     ``COCOEvaluator`` for box and mask AP, and ``OUTPUT_DIR/results.json`` after each evaluation.
 
     ``MODEL.PRECISION: fp16`` trains with detectron2's AMPTrainer (gradient scaler); bf16 needs no scaler.
-    Images are read by :class:`CheckedDatasetMapper` (one that cannot be decoded is an InputError naming it);
+    Images are read by :class:`CheckedDatasetMapper` (one that cannot be decoded is an InputError naming it, or
+    in training skipped with a warning under ``DATALOADER.SKIP_UNDECODABLE_IMAGES``);
     a NaN/Inf loss is an InputError naming the iteration.
     """
 
@@ -113,9 +114,9 @@ class GNTrainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(
-            cfg, mapper=CheckedDatasetMapper(cfg, is_train=True, dataset_names=cfg.DATASETS.TRAIN)
-        )
+        mapper = CheckedDatasetMapper(cfg, is_train=True, dataset_names=cfg.DATASETS.TRAIN,
+                                      skip_undecodable=cfg.DATALOADER.SKIP_UNDECODABLE_IMAGES)
+        return build_detection_train_loader(cfg, mapper=mapper)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
