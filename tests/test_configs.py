@@ -112,7 +112,7 @@ def test_bad_norm_name_fails_at_config_load(tmp_path):
 def test_unknown_key_fails_at_config_load(tmp_path):
     path = tmp_path / "typo.yaml"
     path.write_text(f'_BASE_: "{GN_FPN}"\nMODEL:\n  GN:\n    NUM_GROUP: 16\n')
-    with pytest.raises(InputError, match="typo.yaml: Non-existent key: MODEL.GN.NUM_GROUP"):
+    with pytest.raises(InputError, match="typo.yaml: Non-existent config key: MODEL.GN.NUM_GROUP"):
         get_gn_cfg(str(path))
 
 
