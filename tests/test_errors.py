@@ -198,3 +198,27 @@ def test_other_tools_end_bad_input_in_one_line(tmp_path):
         for text in expected:
             assert text in line, (tool, line)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]  # nothing written by any of them
+
+
+def raise_in_worker(error_type, message, _args):
+    raise error_type(message)
+
+
+def test_launch_raises_a_workers_input_error_as_such_and_keeps_other_errors_traceback():
+    import functools
+    import types
+
+    from torch.multiprocessing import ProcessRaisedException
+
+    from gn_det.checkpoint import WeightsMismatchError
+    from gn_det.engine import launch
+    from gn_det.errors import InputError
+
+    args = types.SimpleNamespace(num_gpus=2, num_machines=1, machine_rank=0, dist_url="auto")
+    # a subclass of InputError in a worker: the parent raises InputError with the worker's one line
+    with pytest.raises(InputError, match=r"^res2\.0\.conv1\.weight: missing$") as raised:
+        launch(functools.partial(raise_in_worker, WeightsMismatchError, "res2.0.conv1.weight: missing"), args)
+    assert type(raised.value) is InputError
+    # a bug in a worker: torch's exception, carrying the worker's traceback
+    with pytest.raises(ProcessRaisedException, match=r"(?s)Traceback.*KeyError: 'internal'"):
+        launch(functools.partial(raise_in_worker, KeyError, "internal"), args)
