@@ -175,6 +175,15 @@ def test_syncbn_config_on_two_cpu_processes_stops_with_one_line(earlier_run):
     assert file_hashes(earlier_run) == before
 
 
+def test_feature_stats_tool_checks_its_layer_before_anything_is_written(earlier_run, tiny_shapes):
+    before = file_hashes(earlier_run)
+    proc = run_tool("feature_stats.py", "train", "--config-file", GN_SHAPES, "--layer", "backbone.fpn_output9",
+                    *tiny_shapes, *SMALL, "OUTPUT_DIR", str(earlier_run))
+    line = one_line_error(proc, "feature_stats.py")
+    assert "the model has no module 'backbone.fpn_output9'" in line
+    assert file_hashes(earlier_run) == before
+
+
 def test_other_tools_end_bad_input_in_one_line(tmp_path):
     bad_yaml = config_file(tmp_path, "bad.yaml", "MODEL: [\n")
     weights = tmp_path / "weights"

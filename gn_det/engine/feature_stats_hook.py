@@ -51,6 +51,38 @@ def find_module(model, path):
     return modules[path]
 
 
+def resolve_feature_layer(model, layer=None, where=None):
+    """(layer, where, module) that the hook records in ``model``: :func:`default_feature_layer` for
+    ``layer=None``, the output of a given layer for ``where=None``; an InputError naming a wrong layer."""
+    if layer is None:
+        layer, default_where = default_feature_layer(model)
+    else:
+        default_where = "output"
+    return layer, where or default_where, find_module(model, layer)
+
+
+def check_hook_settings(where, period):
+    if where is not None and where not in WHERE:
+        raise InputError(f"where={where!r}; choose one of {', '.join(map(repr, WHERE))}")
+    if period < 1:
+        raise InputError(f"feature stats period={period} must be >= 1")
+
+
+def earlier_feature_stats(output_dir, layer, where):
+    """The ``feature_stats.json`` an earlier part of the run left in ``output_dir`` (None if none); an
+    InputError when it records another layer, which a continued file would mix up."""
+    path = os.path.join(output_dir, FEATURE_STATS_FILE)
+    if not os.path.isfile(path):
+        return None
+    earlier = read_feature_stats(output_dir)
+    if (earlier["layer"], earlier["where"]) != (layer, where):
+        raise InputError(
+            f"{path} records {earlier['layer']} ({earlier['where']}), not {layer} ({where}); use another "
+            "OUTPUT_DIR or the same layer"
+        )
+    return earlier
+
+
 class FeatureStatsHook(HookBase):
     """Every ``period`` iterations (and at the last), the percentiles (``PERCENTILES``), mean and std of the
     tensor the training forward passes into (``where="input"``) or gets out of (``"output"``) the module at
@@ -63,10 +95,7 @@ class FeatureStatsHook(HookBase):
     """
 
     def __init__(self, output_dir, layer=None, where=None, period=10):
-        if where is not None and where not in WHERE:
-            raise InputError(f"where={where!r}; choose one of {', '.join(map(repr, WHERE))}")
-        if period < 1:
-            raise InputError(f"feature stats period={period} must be >= 1")
+        check_hook_settings(where, period)
         self._output_dir = output_dir
         self._layer, self._where, self._period = layer, where, period
         self._handle = None
@@ -79,12 +108,7 @@ class FeatureStatsHook(HookBase):
             return
         model = self.trainer.model
         model = model.module if isinstance(model, DistributedDataParallel) else model
-        if self._layer is None:
-            self._layer, default_where = default_feature_layer(model)
-        else:
-            default_where = "output"
-        self._where = self._where or default_where
-        module = find_module(model, self._layer)
+        self._layer, self._where, module = resolve_feature_layer(model, self._layer, self._where)
         if self._where == "input":
             self._handle = module.register_forward_pre_hook(lambda _module, inputs: self._capture(inputs[0]))
         else:
@@ -94,15 +118,9 @@ class FeatureStatsHook(HookBase):
     def _resumed_stats(self):
         """The records of an earlier part of this run (before the iteration it resumes from), or none."""
         fresh = {"layer": self._layer, "where": self._where, "percentiles": list(PERCENTILES), "records": []}
-        if not os.path.isfile(os.path.join(self._output_dir, FEATURE_STATS_FILE)):
-            return fresh
-        earlier = read_feature_stats(self._output_dir)
-        if (earlier["layer"], earlier["where"]) != (self._layer, self._where):
-            raise InputError(
-                f"{os.path.join(self._output_dir, FEATURE_STATS_FILE)} records {earlier['layer']} "
-                f"({earlier['where']}), not {self._layer} ({self._where}); use another OUTPUT_DIR or the same layer"
-            )
-        fresh["records"] = [r for r in earlier["records"] if r["iteration"] < self.trainer.start_iter]
+        earlier = earlier_feature_stats(self._output_dir, self._layer, self._where)
+        if earlier is not None:
+            fresh["records"] = [r for r in earlier["records"] if r["iteration"] < self.trainer.start_iter]
         return fresh
 
     def _capture(self, value):
@@ -145,9 +163,18 @@ class FeatureStatsTrainer(GNTrainer):
         return [self._feature_stats_hook] + super().build_hooks()
 
 
+def check_feature_stats_settings(layer, where, period, cfg, model):
+    """Before anything is written: the hook's settings, the layer in the model, an earlier feature_stats.json
+    in OUTPUT_DIR recording the same layer."""
+    check_hook_settings(where, period)
+    layer, where, _ = resolve_feature_layer(model, layer, where)
+    earlier_feature_stats(cfg.OUTPUT_DIR, layer, where)
+
+
 def train_with_feature_stats(args):
     """tools/train_net.py's ``train_or_evaluate`` with :class:`FeatureStatsTrainer`; ``args`` also carry
     ``layer``, ``where`` and ``period``. ``--eval-only`` evaluates as train_net does (nothing to record)."""
     return train_or_evaluate(
-        args, functools.partial(FeatureStatsTrainer, layer=args.layer, where=args.where, period=args.period)
+        args, functools.partial(FeatureStatsTrainer, layer=args.layer, where=args.where, period=args.period),
+        check_model=functools.partial(check_feature_stats_settings, args.layer, args.where, args.period),
     )

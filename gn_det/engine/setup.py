@@ -115,15 +115,19 @@ def read_checkpoint(path, what):
     return checkpoint
 
 
-def check_model_and_weights(cfg, resume):
+def check_model_and_weights(cfg, resume, check_model=None):
     """Build the model on ``MODEL.DEVICE`` (which checks every norm site's channels against the group setting
     and the precision against the device) and read the weights it would load.
 
     Weights written by gn-det's converter must also fit the model: a GN file into a BN* model (or the reverse),
     another depth, or input settings other than the weights' (RGB, mean/std, stride) would load silently
     (FrozenBN keeps its defaults for missing statistics) and train a worse model.
+
+    ``check_model(cfg, model)``: a tool's own checks of the model (e.g. that a layer it hooks exists).
     """
     model = build_model(cfg)
+    if check_model is not None:
+        check_model(cfg, model)
     what, path = weights_to_load(cfg, resume)
     if path is None:
         return
@@ -132,9 +136,10 @@ def check_model_and_weights(cfg, resume):
         check_weights_for_model(model, checkpoint, cfg, name=path)
 
 
-def setup(args):
-    """Config from ``args`` with gn-det's keys, datasets registered, everything checked (module docstring),
-    schedule scaled, then detectron2's ``default_setup`` (output folder, config.yaml, logging)."""
+def setup(args, check_model=None):
+    """Config from ``args`` with gn-det's keys, datasets registered, everything checked (module docstring;
+    ``check_model`` as in :func:`check_model_and_weights`), schedule scaled, then detectron2's ``default_setup``
+    (output folder, config.yaml, logging)."""
     source = args.config_file or "config"
     cfg = get_gn_cfg(args.config_file, args.opts)
     # what the command line registered goes into the config too, so the dumped config.yaml is complete
@@ -147,17 +152,18 @@ def setup(args):
     check_datasets(cfg, source)
     scale_schedule_linearly(cfg)
     cfg.freeze()
-    check_model_and_weights(cfg, args.resume)
+    check_model_and_weights(cfg, args.resume, check_model)
     default_setup(cfg, args)  # writes OUTPUT_DIR/config.yaml; sets up detectron2's and fvcore's loggers
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="gn_det", abbrev_name="gn_det")
     return cfg
 
 
-def train_or_evaluate(args, make_trainer=GNTrainer):
+def train_or_evaluate(args, make_trainer=GNTrainer, check_model=None):
     """The body of tools/train_net.py, run in every process by detectron2's ``launch``.
 
-    ``make_trainer(cfg)`` builds the trainer (a GNTrainer subclass for tools that add hooks)."""
-    cfg = setup(args)
+    ``make_trainer(cfg)`` builds the trainer (a GNTrainer subclass for tools that add hooks); ``check_model``
+    goes to :func:`setup`."""
+    cfg = setup(args, check_model)
     if args.eval_only:
         model = GNTrainer.build_model(cfg)
         DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
