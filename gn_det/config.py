@@ -4,8 +4,11 @@ Call ``add_gn_config(cfg)`` on a ``detectron2.config.get_cfg()`` before merging 
 does both and checks the result. Symbols in the comments are those of Wu & He, "Group Normalization",
 ECCV 2018 (Eq. 1-7 and Sec. 3-5).
 """
+import yaml
+
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
+from detectron2.utils.file_io import PathManager
 
 from gn_det.errors import InputError
 
@@ -67,6 +70,10 @@ def add_gn_config(cfg):
     # --- Data. COCO-format datasets registered without code, each "NAME=JSON_FILE,IMAGE_DIR"
     # (the same as train_net.py's repeatable --dataset flag). Names can then be used in DATASETS.TRAIN/TEST.
     cfg.DATASETS.REGISTER = []
+    # A training image that cannot be decoded (truncated, corrupt) stops training with one line naming it
+    # (False), or is skipped with a warning naming it and counting the skips, another image taking its place
+    # (True). Evaluation never skips: its metrics would silently cover fewer images.
+    cfg.DATALOADER.SKIP_UNDECODABLE_IMAGES = False
 
     # --- Linear LR scaling (Goyal et al., 2017; the paper's Sec. 4 recipe for other batch sizes).
     # When True, BASE_LR, WARMUP_ITERS, STEPS, MAX_ITER, CHECKPOINT_PERIOD and TEST.EVAL_PERIOD are rescaled
@@ -79,41 +86,56 @@ def add_gn_config(cfg):
 def get_gn_cfg(config_file=None, opts=()):
     """A detectron2 config with gn-det's keys, merged from ``config_file`` and ``opts`` and checked.
 
-    Unknown keys fail here, at config load, with detectron2's error naming the key.
+    Every problem of the file (missing, or a missing ``_BASE_``, not YAML), of a key (unknown, wrong type) or of
+    a gn-det setting is an InputError naming the file or the command line, and the key.
     """
     cfg = get_cfg()
     add_gn_config(cfg)
     source = config_file or "command line"
-    # yacs reports an unknown key as KeyError (file) or AssertionError (list); either way, name where it was
-    try:
-        if config_file:
-            cfg.merge_from_file(config_file)
-    except (KeyError, AssertionError) as err:
-        raise KeyError(f"{config_file}: {err.args[0]}") from None
+    if config_file:
+        merge_config_file(cfg, config_file)
+    # yacs: KeyError for an unknown key, ValueError for a value of the wrong type, AssertionError for an odd
+    # number of items; each names the key
     try:
         cfg.merge_from_list(list(opts))
-    except (KeyError, AssertionError) as err:
-        raise KeyError(f"command line: {err.args[0]}") from None
+    except (KeyError, ValueError, AssertionError) as err:
+        raise InputError(f"command line: {err.args[0]}") from None
     check_gn_config(cfg, source=source)
     return cfg
 
 
+def merge_config_file(cfg, config_file):
+    """``cfg.merge_from_file(config_file)`` with the errors of detectron2's and yacs's loaders (missing file
+    in the ``_BASE_`` chain, YAML syntax, unknown key, wrong type) as one-line InputErrors."""
+    if not PathManager.isfile(config_file):
+        raise InputError(f"{config_file}: the config file does not exist")
+    try:
+        cfg.merge_from_file(config_file)
+    except FileNotFoundError as err:  # a _BASE_ of the chain
+        raise InputError(f"{config_file}: its _BASE_ chain names {err.filename}, which does not exist") from None
+    except yaml.YAMLError as err:
+        # PyYAML's message spans lines and names the file, line and column of the error
+        raise InputError(f"{config_file}: not valid YAML: {' '.join(str(err).split())}") from None
+    except (KeyError, ValueError, AssertionError) as err:
+        raise InputError(f"{config_file}: {err.args[0]}") from None
+
+
 def check_gn_config(cfg, source="config"):
-    """Raise a one-line ValueError naming the key and value of the first invalid gn-det setting."""
+    """Raise a one-line InputError naming the key and value of the first invalid gn-det setting."""
     from gn_det.layers.norm import NORM_NAMES  # late import: layers import torch, config need not
 
     gn = cfg.MODEL.GN
     if gn.DIM_PER_GROUP <= 0 and gn.NUM_GROUPS < 1:
-        raise ValueError(f"{source}: MODEL.GN.NUM_GROUPS={gn.NUM_GROUPS} must be >= 1 (or set DIM_PER_GROUP)")
+        raise InputError(f"{source}: MODEL.GN.NUM_GROUPS={gn.NUM_GROUPS} must be >= 1 (or set DIM_PER_GROUP)")
     if gn.DIM_PER_GROUP == 0 or gn.DIM_PER_GROUP < -1:
-        raise ValueError(f"{source}: MODEL.GN.DIM_PER_GROUP={gn.DIM_PER_GROUP} must be -1 (off) or >= 1")
+        raise InputError(f"{source}: MODEL.GN.DIM_PER_GROUP={gn.DIM_PER_GROUP} must be -1 (off) or >= 1")
     if not gn.EPS > 0:
-        raise ValueError(f"{source}: MODEL.GN.EPS={gn.EPS} must be > 0")
+        raise InputError(f"{source}: MODEL.GN.EPS={gn.EPS} must be > 0")
     check_speed_keys(cfg, source)
     for key in NORM_SITE_KEYS:
         value = select(cfg, key)
         if isinstance(value, str) and value not in NORM_NAMES:
-            raise ValueError(
+            raise InputError(
                 f"{source}: {key}={value!r} is not a norm; choose one of {', '.join(map(repr, NORM_NAMES))}"
             )
 

@@ -13,6 +13,7 @@ from detectron2.modeling import build_model  # noqa: E402
 
 from conftest import BNSTAR_FPN, CONFIG_DIR, GN_FPN  # noqa: E402
 from gn_det.config import get_gn_cfg  # noqa: E402
+from gn_det.errors import InputError  # noqa: E402
 
 ALL_CONFIGS = sorted(glob.glob(os.path.join(CONFIG_DIR, "**", "*.yaml"), recursive=True))
 
@@ -111,7 +112,7 @@ def test_bad_norm_name_fails_at_config_load(tmp_path):
 def test_unknown_key_fails_at_config_load(tmp_path):
     path = tmp_path / "typo.yaml"
     path.write_text(f'_BASE_: "{GN_FPN}"\nMODEL:\n  GN:\n    NUM_GROUP: 16\n')
-    with pytest.raises(KeyError, match="NUM_GROUP"):
+    with pytest.raises(InputError, match="typo.yaml: Non-existent config key: MODEL.GN.NUM_GROUP"):
         get_gn_cfg(str(path))
 
 

@@ -256,34 +256,36 @@ def test_register_datasets_from_config_key(catalogs, small_shapes):
 
 def bad_input_cases(tmp_path, small_shapes, coco):
     """(description, json_file, image_dir, exception, message regex) for every input the check rejects."""
+    from gn_det.errors import InputError
+
     val_dir = os.path.join(small_shapes, "val")
     missing_image = dict(coco, images=coco["images"] + [dict(coco["images"][0], id=99, file_name="nowhere.png")])
     unknown_category = dict(coco, annotations=[dict(coco["annotations"][0], id=7, category_id=42)])
     unknown_image = dict(coco, annotations=[dict(coco["annotations"][0], id=7, image_id=1234)])
     repeated_id = dict(coco, annotations=[coco["annotations"][0], dict(coco["annotations"][1], id=1)])
     return [
-        ("missing json", str(tmp_path / "none.json"), val_dir, FileNotFoundError,
+        ("missing json", str(tmp_path / "none.json"), val_dir, InputError,
          r"annotation file .*none\.json does not exist"),
-        ("missing image folder", os.path.join(small_shapes, "val.json"), str(tmp_path / "nodir"), FileNotFoundError,
+        ("missing image folder", os.path.join(small_shapes, "val.json"), str(tmp_path / "nodir"), InputError,
          r"image folder .*nodir does not exist"),
-        ("missing image file", write_coco(tmp_path, missing_image), val_dir, FileNotFoundError,
+        ("missing image file", write_coco(tmp_path, missing_image), val_dir, InputError,
          r"bad\.json: image 99 file 'nowhere\.png' is not in .*val"),
-        ("unknown category", write_coco(tmp_path, unknown_category, "cat.json"), val_dir, ValueError,
+        ("unknown category", write_coco(tmp_path, unknown_category, "cat.json"), val_dir, InputError,
          r"cat\.json: annotation 7 has category_id 42, which is not in 'categories' \(ids 1, 2, 3\)"),
-        ("unknown image", write_coco(tmp_path, unknown_image, "img.json"), val_dir, ValueError,
+        ("unknown image", write_coco(tmp_path, unknown_image, "img.json"), val_dir, InputError,
          r"img\.json: annotation 7 refers to image id 1234, which is not in 'images'"),
-        ("repeated annotation id", write_coco(tmp_path, repeated_id, "rep.json"), val_dir, ValueError,
+        ("repeated annotation id", write_coco(tmp_path, repeated_id, "rep.json"), val_dir, InputError,
          r"rep\.json: annotation id 1 appears more than once"),
-        ("no images", write_coco(tmp_path, dict(coco, images=[]), "noimg.json"), val_dir, ValueError,
+        ("no images", write_coco(tmp_path, dict(coco, images=[]), "noimg.json"), val_dir, InputError,
          r"noimg\.json has no images: the dataset is empty"),
-        ("no annotations", write_coco(tmp_path, dict(coco, annotations=[]), "noann.json"), val_dir, ValueError,
+        ("no annotations", write_coco(tmp_path, dict(coco, annotations=[]), "noann.json"), val_dir, InputError,
          r"noann\.json has no annotations: the dataset is empty"),
-        ("not coco", write_coco(tmp_path, {"images": []}, "notcoco.json"), val_dir, ValueError,
+        ("not coco", write_coco(tmp_path, {"images": []}, "notcoco.json"), val_dir, InputError,
          r"notcoco\.json is not a COCO instances file: no 'annotations' list"),
-        ("malformed json", write_coco(tmp_path, '{"images": [', "broken.json"), val_dir, ValueError,
+        ("malformed json", write_coco(tmp_path, '{"images": [', "broken.json"), val_dir, InputError,
          r"broken\.json is not valid JSON: Expecting value: line 1"),
         ("annotation without category", write_coco(tmp_path, dict(coco, annotations=[{"id": 3, "image_id": 1}]),
-                                                   "nocat.json"), val_dir, ValueError,
+                                                   "nocat.json"), val_dir, InputError,
          r"nocat\.json: annotation 3 .* has no 'category_id'"),
     ]
 

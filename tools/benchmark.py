@@ -10,7 +10,8 @@ import sys
 
 import os
 
-from gn_det.analysis.benchmark import build_parser, chosen_variants, markdown_table, run_benchmark
+from gn_det.analysis.benchmark import build_parser, chosen_variants, markdown_table, run_benchmark, variant_cfg
+from gn_det.errors import exit_on_input_error
 from gn_det.fileio import write_json_atomically
 
 
@@ -21,6 +22,8 @@ def main(argv):
         parser.error("variant baseline_fast needs --baseline-source DIR")
     if args.baseline_source and not os.path.isdir(os.path.join(args.baseline_source, "gn_det")):
         parser.error(f"--baseline-source {args.baseline_source}: no gn_det/ package there")
+    for name in chosen_variants(args):  # a bad --config KEY VALUE stops here, before any variant runs
+        variant_cfg(name, args)
     print(f"benchmark: {chosen_variants(args)} at {args.size}px, {args.images} images, warmup {args.warmup}, "
           f"repeats {args.repeats}, rounds {args.rounds}, device {args.device}, threads {args.threads or 'default'}",
           flush=True)
@@ -41,4 +44,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with exit_on_input_error("benchmark.py"):
+        main(sys.argv[1:])

@@ -6,10 +6,9 @@
 """
 import argparse
 import os
-import sys
 
-from gn_det import InputError
 from gn_det.analysis.runs import comparison_rows, load_runs, markdown_table, plot_runs, write_csv
+from gn_det.errors import exit_on_input_error
 
 
 def main():
@@ -19,11 +18,7 @@ def main():
                         help="names of the runs in the table and plot, one per RUN_DIR (default: the folder names)")
     parser.add_argument("--out", default="comparison", help="prefix of the CSV and PNG written (default: %(default)s)")
     args = parser.parse_args()
-    try:
-        runs = load_runs(args.run_dirs, args.labels)
-    except InputError as err:
-        print(f"compare_runs.py: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    runs = load_runs(args.run_dirs, args.labels)
     rows = comparison_rows(runs)
     print(markdown_table(rows))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -33,4 +28,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_input_error("compare_runs.py"):
+        main()

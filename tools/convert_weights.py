@@ -7,13 +7,16 @@
 
 GN weights become a GN backbone, BN weights a BN* (FrozenBN) one. The result is checked against gn-det's ResNet
 of the same depth and norm (and, with --config-file, against that config's model): the exit status is 1 when
-any ResNet parameter is missing or left over, with one line naming the first such key.
+any ResNet parameter is missing or left over, with one line naming the first such key (and for any other bad
+input: a missing file, a bad config).
 """
 import argparse
-import os
-import sys
 
-from gn_det.checkpoint import WeightsMismatchError, check_weights_for_model, convert_weights
+from detectron2.modeling import build_model
+
+from gn_det.checkpoint import check_weights_for_model, convert_weights
+from gn_det.config import get_gn_cfg
+from gn_det.errors import InputError, exit_on_input_error
 
 
 def argument_parser():
@@ -31,26 +34,13 @@ def argument_parser():
     return parser
 
 
-def check_against_config(output, config_file):
-    from detectron2.modeling import build_model
-
-    from gn_det.config import get_gn_cfg
-
-    cfg = get_gn_cfg(config_file, ["MODEL.DEVICE", "cpu"])
-    match = check_weights_for_model(build_model(cfg), output, cfg)
-    print(f"{config_file}: all {len(match.matched)} ResNet weights of the model matched")
-
-
 def main(argv=None):
     args = argument_parser().parse_args(argv)
     if not args.output.endswith(".pkl"):
-        sys.exit("convert_weights.py: error: OUTPUT must end in .pkl (detectron2's format for converted weights)")
-    if os.path.dirname(args.output):
-        os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    try:
-        converted = convert_weights(args.input, args.output, source=args.source, norm=args.norm, depth=args.depth)
-    except WeightsMismatchError as err:
-        sys.exit(f"convert_weights.py: error: {err}")
+        raise InputError(f"OUTPUT {args.output} must end in .pkl (detectron2's format for converted weights)")
+    # the config is read before anything is written, so a bad one leaves no converted file behind
+    cfg = get_gn_cfg(args.config_file, ["MODEL.DEVICE", "cpu"]) if args.config_file else None
+    converted = convert_weights(args.input, args.output, source=args.source, norm=args.norm, depth=args.depth)
     meta = converted.metadata
     match = converted.reference_match
     matched, total = len(match.matched), len(match.matched) + len(match.missing)
@@ -62,12 +52,11 @@ def main(argv=None):
     print(f"wrote {args.output}; the model should use INPUT.FORMAT {meta['input_format']}, "
           f"MODEL.PIXEL_MEAN {meta['pixel_mean']}, MODEL.PIXEL_STD {meta['pixel_std']}, "
           f"MODEL.RESNETS.STRIDE_IN_1X1 {meta['stride_in_1x1']}")
-    if args.config_file:
-        try:
-            check_against_config(args.output, args.config_file)
-        except WeightsMismatchError as err:
-            sys.exit(f"convert_weights.py: error: {err}")
+    if cfg is not None:
+        match = check_weights_for_model(build_model(cfg), args.output, cfg)
+        print(f"{args.config_file}: all {len(match.matched)} ResNet weights of the model matched")
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_input_error("convert_weights.py"):
+        main()

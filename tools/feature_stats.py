@@ -15,11 +15,10 @@ import argparse
 import os
 import sys
 
-from detectron2.engine import launch
-
 from gn_det.analysis.feature_stats import plot_feature_stats_of_runs
-from gn_det.engine import INPUT_ERRORS, argument_parser
+from gn_det.engine import argument_parser, launch
 from gn_det.engine.feature_stats_hook import WHERE, train_with_feature_stats
+from gn_det.errors import exit_on_input_error
 
 
 def train_argument_parser():
@@ -46,11 +45,8 @@ def main():
     command, argv = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else (None, [])
     if command == "train":
         args = train_argument_parser().parse_args(argv)
-        try:
-            launch(train_with_feature_stats, args.num_gpus, num_machines=args.num_machines,
-                   machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
-        except INPUT_ERRORS as err:
-            sys.exit(f"feature_stats.py: error: {err.args[0]}")
+        with exit_on_input_error("feature_stats.py"):
+            launch(train_with_feature_stats, args)
     elif command == "plot":
         args = plot_argument_parser().parse_args(argv)
         missing = [d for d in args.run_dirs if not os.path.isdir(d)]

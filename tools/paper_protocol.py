@@ -25,6 +25,7 @@ from gn_det.analysis.pretrain import (
     FINETUNE_CONFIGS,
     SCRATCH_CONFIGS,
     WEIGHTS_NAMES,
+    check_pretrain_settings,
     convert_and_check,
     ensure_pretrain_data,
     pretrain_and_save,
@@ -33,7 +34,8 @@ from gn_det.analysis.pretrain import (
 )
 from gn_det.analysis.runs import Run, comparison_rows, markdown_table, plot_runs, write_csv
 from gn_det.analysis.sweep import run_finished, train_in_subprocess, train_net_command
-from gn_det.checkpoint import WeightsMismatchError
+from gn_det.config import get_gn_cfg
+from gn_det.errors import exit_on_input_error
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 SHAPES_CONFIGS = os.path.join(os.path.dirname(TOOLS), "configs", "shapes")
@@ -89,8 +91,11 @@ def fine_tune(label, config, run_dir, opts):
 
 def main():
     args = argument_parser().parse_args()
-    if len(args.opts) % 2:
-        sys.exit(f"paper_protocol.py: error: options must be KEY VALUE pairs, got {' '.join(args.opts)}")
+    check_pretrain_settings(args.pretrain_iters, args.pretrain_batch_size)
+    for norm in args.norms:  # a bad KEY VALUE stops here, before anything is trained or written
+        get_gn_cfg(os.path.join(SHAPES_CONFIGS, FINETUNE_CONFIGS[norm]), args.opts)
+        if args.scratch:
+            get_gn_cfg(os.path.join(SHAPES_CONFIGS, SCRATCH_CONFIGS[norm]), args.opts)
     setup_logger(name="gn_det", abbrev_name="gn_det")
     runs, failed = [], False
     for norm in args.norms:
@@ -98,10 +103,7 @@ def main():
         state_dict, checkpoint = base + ".pth", base + ".pkl"
         config = os.path.join(SHAPES_CONFIGS, FINETUNE_CONFIGS[norm])
         pretrain(args, norm, state_dict)
-        try:
-            _, match = convert_and_check(state_dict, checkpoint, config, args.opts)
-        except WeightsMismatchError as err:
-            sys.exit(f"paper_protocol.py: error: {err}")
+        _, match = convert_and_check(state_dict, checkpoint, config, args.opts)
         print(f"[{norm}] converted to {checkpoint}: all {len(match.matched)} ResNet parameters of "
               f"{FINETUNE_CONFIGS[norm]} matched", flush=True)
         run_dir = os.path.join(args.out, FINETUNE_CONFIGS[norm][:-len(".yaml")])
@@ -137,4 +139,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_input_error("paper_protocol.py"):
+        main()

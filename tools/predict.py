@@ -6,9 +6,8 @@ DIR/predictions.json with every prediction as COCO results (box, RLE mask, score
         --weights output/shapes/mask_rcnn_R_18_FPN_gn/model_final.pth my_images/ "more/*.jpg" --out predictions/
 """
 import argparse
-import sys
 
-from gn_det import InputError
+from gn_det.errors import exit_on_input_error
 from gn_det.predict import expand_inputs, load_predictor, predict_images
 
 
@@ -27,15 +26,12 @@ def main():
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
                         help="config overrides, last: KEY VALUE pairs (YAML) or key=value strings (Python config)")
     args = parser.parse_args()
-    try:
-        paths = expand_inputs(args.inputs)  # checked before the model loads and before --out is created
-        predictor = load_predictor(args.config_file, args.weights, args.opts, args.device)
-        json_path = predict_images(predictor, paths, args.out, args.score_threshold, args.scale, args.coco_json)
-    except InputError as err:
-        print(f"predict.py: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    paths = expand_inputs(args.inputs)  # checked before the model loads and before --out is created
+    predictor = load_predictor(args.config_file, args.weights, args.opts, args.device)
+    json_path = predict_images(predictor, paths, args.out, args.score_threshold, args.scale, args.coco_json)
     print(f"wrote {len(paths)} PNGs and {json_path}")
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_input_error("predict.py"):
+        main()

@@ -10,11 +10,17 @@ names) goes to --out, a summary with the validation accuracy next to it (.json);
 tools/convert_weights.py (GN -> GN backbone, BN -> BN* backbone). tools/paper_protocol.py runs the whole chain.
 """
 import argparse
-import sys
 
 from detectron2.utils.logger import setup_logger
 
-from gn_det.analysis.pretrain import ensure_pretrain_data, pretrain_and_save, pretrain_data_root, summary_path
+from gn_det.analysis.pretrain import (
+    check_pretrain_settings,
+    ensure_pretrain_data,
+    pretrain_and_save,
+    pretrain_data_root,
+    summary_path,
+)
+from gn_det.errors import InputError, exit_on_input_error
 
 
 def argument_parser():
@@ -35,7 +41,8 @@ def argument_parser():
 def main():
     args = argument_parser().parse_args()
     if not args.out.endswith((".pth", ".pt")):
-        sys.exit("pretrain_classifier.py: error: --out must end in .pth or .pt (a torch.save state dict)")
+        raise InputError(f"--out {args.out} must end in .pth or .pt (a torch.save state dict)")
+    check_pretrain_settings(args.iters, args.batch_size)  # before the data is generated
     setup_logger(name="gn_det", abbrev_name="gn_det")
     data = ensure_pretrain_data(args.data, num_train=args.num_train, num_val=args.num_val)
     result = pretrain_and_save(args.norm, data, args.out, iters=args.iters, batch_size=args.batch_size, lr=args.lr,
@@ -46,4 +53,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_input_error("pretrain_classifier.py"):
+        main()

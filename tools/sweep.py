@@ -25,6 +25,7 @@ from gn_det.analysis.feature_stats import plot_feature_stats_of_runs
 from gn_det.analysis.sweep import (
     GROUPED_NORMS,
     NORM_SLUGS,
+    check_sweep_options,
     expand_grid,
     has_checkpoint,
     read_results,
@@ -34,6 +35,7 @@ from gn_det.analysis.sweep import (
     train_net_command,
     write_sweep_outputs,
 )
+from gn_det.errors import exit_on_input_error
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(os.path.dirname(TOOLS), "configs", "shapes", "mask_rcnn_R_18_FPN_gn.yaml")
@@ -83,12 +85,8 @@ def describe(cell, run_dir):
 
 def main():
     args = argument_parser().parse_args()
-    if len(args.opts) % 2:
-        sys.exit(f"sweep.py: error: options must be KEY VALUE pairs, got {' '.join(args.opts)}")
-    try:
-        cells = expand_grid(args.norms, args.ims, args.groups, args.dim_per_group)
-    except ValueError as err:
-        sys.exit(f"sweep.py: error: {err}")
+    cells = expand_grid(args.norms, args.ims, args.groups, args.dim_per_group)
+    check_sweep_options(cells, args.config, args.opts, torch.cuda.device_count())
     if args.dry_run:
         for cell in cells:
             print(f"{cell.name}: {describe(cell, os.path.join(args.out, cell.name))}")
@@ -123,4 +121,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_input_error("sweep.py"):
+        main()

@@ -10,10 +10,9 @@ ground-truth masks they find (--select differ, default) or evenly spaced through
         --labels GN "BN*" --images 4 --out output/shapes/pictures
 """
 import argparse
-import sys
 
-from gn_det import InputError
 from gn_det.analysis.visualize import SELECTIONS, visualize_runs
+from gn_det.errors import exit_on_input_error
 
 
 def main():
@@ -32,14 +31,11 @@ def main():
     parser.add_argument("--config-file", metavar="FILE", help="config for those runs (default: RUN_DIR/config.yaml)")
     parser.add_argument("--sheet", metavar="FILE", help="also write all rows stacked into this one PNG")
     args = parser.parse_args()
-    try:
-        paths = visualize_runs(args.run_dirs, args.out, args.labels, args.dataset, args.images, args.select,
-                               args.score_threshold, args.scale, args.config_file, args.weights, args.sheet)
-    except InputError as err:
-        print(f"visualize.py: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    paths = visualize_runs(args.run_dirs, args.out, args.labels, args.dataset, args.images, args.select,
+                           args.score_threshold, args.scale, args.config_file, args.weights, args.sheet)
     print("wrote " + ", ".join(paths))
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_input_error("visualize.py"):
+        main()

@@ -28,6 +28,7 @@ from gn_det.checkpoint.convert import (
     convert_weights,
 )
 from gn_det.data import SHAPES_CLASSES, ensure_shapes, shapes_root
+from gn_det.errors import InputError
 from gn_det.fileio import write_json_atomically
 
 logger = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def instance_crops(json_file, image_dir, size=CROP_SIZE + CROP_PADDING, context=
                 crops.append(np.asarray(pil.crop(box).resize((size, size), Image.BILINEAR)))
                 labels.append(label_of[annotation["category_id"]])
     if not crops:
-        raise ValueError(f"{json_file}: no instances to crop")
+        raise InputError(f"{json_file}: no instances to crop")
     images = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()
     return images, torch.tensor(labels, dtype=torch.int64)
 
@@ -122,7 +123,7 @@ def build_classifier(norm, depth=18, num_classes=len(SHAPES_CLASSES)):
     """
     norm_layers = {"GN": lambda channels: nn.GroupNorm(GN_NUM_GROUPS, channels, eps=GN_EPS), "BN": nn.BatchNorm2d}
     if norm not in norm_layers:
-        raise ValueError(f"norm={norm!r}; choose 'GN' or 'BN'")
+        raise InputError(f"norm={norm!r}; choose 'GN' or 'BN'")
     return getattr(torchvision.models, f"resnet{depth}")(num_classes=num_classes, norm_layer=norm_layers[norm],
                                                           zero_init_residual=True)
 
@@ -152,6 +153,7 @@ def pretrain_classifier(norm, train_data, val_data, iters=400, batch_size=64, lr
                         log_period=50):
     """Train :func:`build_classifier` (``norm``) on ``train_data`` = (crops, labels) from :func:`instance_crops`
     with SGD (momentum 0.9), warm-up + cosine LR, random crops and flips; report accuracy on ``val_data``."""
+    check_pretrain_settings(iters, batch_size)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = build_classifier(norm)
@@ -186,6 +188,13 @@ def classifier_accuracy(model, images, labels, batch_size=256):
         logits = model(normalize(center_crop(images[i:i + batch_size])))
         correct += (logits.argmax(1) == labels[i:i + batch_size]).sum().item()
     return correct / len(labels)
+
+
+def check_pretrain_settings(iters, batch_size):
+    """An InputError naming the setting when there would be nothing to train."""
+    for name, value in (("iters", iters), ("batch_size", batch_size)):
+        if value < 1:
+            raise InputError(f"{name}={value} must be >= 1")
 
 
 def pretrain_and_save(norm, data_root, path, **train_kwargs):

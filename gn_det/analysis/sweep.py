@@ -18,6 +18,8 @@ from typing import List, Optional
 
 from tabulate import tabulate
 
+from ..config import get_gn_cfg
+from ..errors import InputError
 from ..fileio import write_json_atomically
 from .runs import Run
 
@@ -49,12 +51,12 @@ SYNC_BN_PROCESSES = 2
 
 
 def norm_label(name):
-    """The norm label ("BN*") of a label or slug ("BNstar"), in any case; ValueError naming the choices otherwise."""
+    """The norm label ("BN*") of a label or slug ("BNstar"), in any case; InputError naming the choices otherwise."""
     by_slug = {slug.lower(): label for label, slug in NORM_SLUGS.items()}
     by_label = {label.lower(): label for label in NORM_SLUGS}
     label = by_label.get(name.lower()) or by_slug.get(name.lower())
     if label is None:
-        raise ValueError(f"norm {name!r} is not one of {', '.join(NORM_SLUGS)} (BN* also as BNstar, any case)")
+        raise InputError(f"norm {name!r} is not one of {', '.join(NORM_SLUGS)} (BN* also as BNstar, any case)")
     return label
 
 
@@ -138,7 +140,7 @@ def expand_grid(norms, ims, groups=None, dims_per_group=None):
     for value, what in [(n, "images per batch") for n in ims] + [(g, "G") for g in groups] + [
             (d, "C/G") for d in dims_per_group]:
         if value < 1:
-            raise ValueError(f"{what} must be >= 1, got {value}")
+            raise InputError(f"{what} must be >= 1, got {value}")
     if not groups and not dims_per_group:
         groups = [32]
     group_settings = [{"num_groups": g} for g in groups] + [{"dim_per_group": d} for d in dims_per_group]
@@ -179,6 +181,14 @@ def cell_command(cell, run_dir, config_file, train_command, opts=(), cuda_device
     tools/train_net.py]``) with ``--resume``, so an interrupted cell continues from its last checkpoint."""
     return [*train_command, "--config-file", config_file, "--num-gpus", str(cell.processes), "--resume",
             *cell.opts(cuda_devices), *opts, "OUTPUT_DIR", run_dir]
+
+
+def check_sweep_options(cells, config_file, opts=(), cuda_devices=0):
+    """Load the config of every supported cell (``config_file``, the cell's options, then ``opts``), so a bad
+    KEY VALUE (unknown key, wrong type, invalid setting) is an InputError before any cell is trained."""
+    for cell in cells:
+        if not cell.unsupported_reason():
+            get_gn_cfg(config_file, [*cell.opts(cuda_devices), *opts])
 
 
 def run_sweep(cells, out_dir, config_file, train_command, opts=(), cuda_devices=0):

@@ -14,6 +14,7 @@ A ``"gn_det"`` entry records what the weights expect of the model's input and Re
 import dataclasses
 import io
 import logging
+import os
 import pickle
 import re
 from collections import OrderedDict
@@ -28,6 +29,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.utils.file_io import PathManager
 
 from gn_det.config import get_gn_cfg
+from gn_det.errors import InputError
 from gn_det.modeling.backbone import build_gn_resnet_backbone
 
 logger = logging.getLogger(__name__)
@@ -65,7 +67,7 @@ CLASSIFIER = re.compile(r"^fc\.(weight|bias)$")
 RESNET_MODEL_KEY = re.compile(r"(^|\.)(stem|res[2-5])\.")
 
 
-class WeightsMismatchError(ValueError):
+class WeightsMismatchError(InputError):
     """A state dict or checkpoint that does not fit the expected ResNet; the message is one line and starts
     with the first mismatched key."""
 
@@ -99,6 +101,8 @@ def load_source_state_dict(path):
     A dict that wraps the state dict under ``"state_dict"`` or ``"model"`` (training checkpoints) is
     unwrapped, and a DistributedDataParallel ``module.`` prefix is removed.
     """
+    if not PathManager.isfile(path):
+        raise InputError(f"{path}: the weights file does not exist")
     with PathManager.open(path, "rb") as f:
         data = f.read()
     if path.endswith(".safetensors"):
@@ -199,11 +203,11 @@ def convert_resnet_state_dict(state_dict, source="auto", norm="auto", depth=None
             requested norm, depth or shape, or that the ResNet needs but the source lacks.
     """
     if source not in SOURCES + ("auto",):
-        raise ValueError(f"source={source!r}; choose one of {', '.join(map(repr, SOURCES + ('auto',)))}")
+        raise InputError(f"source={source!r}; choose one of {', '.join(map(repr, SOURCES + ('auto',)))}")
     if norm not in ("GN", "BN", "auto"):
-        raise ValueError(f"norm={norm!r}; choose one of 'GN', 'BN', 'auto'")
+        raise InputError(f"norm={norm!r}; choose one of 'GN', 'BN', 'auto'")
     if depth is not None and depth not in RESNET_DEPTHS:
-        raise ValueError(f"depth={depth}; choose one of {', '.join(map(str, RESNET_DEPTHS))}")
+        raise InputError(f"depth={depth}; choose one of {', '.join(map(str, RESNET_DEPTHS))}")
 
     renamed, source_names, unused, dropped = OrderedDict(), {}, [], []
     for name, tensor in state_dict.items():
@@ -314,6 +318,8 @@ def match_weights(model_state_dict, weights):
 
 
 def save_converted(converted, path):
+    if os.path.dirname(path):
+        PathManager.mkdirs(os.path.dirname(path))
     with PathManager.open(path, "wb") as f:
         pickle.dump(converted.checkpoint(), f)
 

@@ -3,6 +3,7 @@
 Importing this package registers ``shapes_train`` and ``shapes_val`` without generating anything: the
 dataset is generated into :func:`shapes_root` the first time detectron2 asks for a split.
 """
+from .mapper import CheckedDatasetMapper
 from .register import (
     check_coco_dataset,
     parse_dataset_spec,

@@ -14,6 +14,8 @@ import os
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json, register_coco_instances
 
+from gn_det.errors import InputError
+
 from .shapes import SHAPES_CLASSES, SHAPES_SPLITS, ensure_shapes, shapes_root
 
 logger = logging.getLogger(__name__)
@@ -27,7 +29,7 @@ def parse_dataset_spec(spec):
     json_file, comma, image_dir = paths.partition(",")
     name, json_file, image_dir = name.strip(), json_file.strip(), image_dir.strip()
     if not (equals and comma and name and json_file and image_dir) or "," in image_dir:
-        raise ValueError(f"dataset spec {spec!r} is not {DATASET_SPEC_SYNTAX}")
+        raise InputError(f"dataset spec {spec!r} is not {DATASET_SPEC_SYNTAX}")
     return name, json_file, image_dir
 
 
@@ -58,13 +60,13 @@ def register_coco_dataset(name, json_file, image_dir):
 
 
 def already_registered(name, json_file, image_dir):
-    """True if ``name`` is registered with these paths; raises ValueError if it is registered otherwise."""
+    """True if ``name`` is registered with these paths; raises InputError if it is registered otherwise."""
     if name not in DatasetCatalog.list():
         return False
     metadata = MetadataCatalog.get(name)
     registered = (metadata.get("json_file"), metadata.get("image_root"))
     if registered != (json_file, image_dir):
-        raise ValueError(
+        raise InputError(
             f"dataset {name!r} is already registered (json_file={registered[0]}, image_root={registered[1]}); "
             f"cannot register it again with json_file={json_file}, image_root={image_dir}"
         )
@@ -74,30 +76,30 @@ def already_registered(name, json_file, image_dir):
 def check_coco_dataset(json_file, image_dir, name="dataset"):
     """Check a COCO instances file and its images; return the class names in category-id order.
 
-    Raises FileNotFoundError (missing JSON, image folder or image file) or ValueError (malformed JSON, not a
+    Raises InputError for a missing JSON, image folder or image file, malformed JSON, not a
     COCO instances file, no images or annotations, an annotation pointing at an unknown image or category,
     a repeated id), in one line naming the dataset, the file and the offending entry.
     """
     where = f"dataset {name!r}"
     if not os.path.isfile(json_file):
-        raise FileNotFoundError(f"{where}: annotation file {json_file} does not exist")
+        raise InputError(f"{where}: annotation file {json_file} does not exist")
     if not os.path.isdir(image_dir):
-        raise FileNotFoundError(f"{where}: image folder {image_dir} does not exist")
+        raise InputError(f"{where}: image folder {image_dir} does not exist")
     where = f"{where}: {json_file}"
     try:
         with open(json_file, "rb") as f:
             coco = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{where} is not valid JSON: {e}") from None
+        raise InputError(f"{where} is not valid JSON: {e}") from None
     if not isinstance(coco, dict):
-        raise ValueError(f"{where} is not a COCO instances file: the top level is not an object")
+        raise InputError(f"{where} is not a COCO instances file: the top level is not an object")
     keys = ("images", "annotations", "categories")
     for key in keys:
         if not isinstance(coco.get(key), list):
-            raise ValueError(f"{where} is not a COCO instances file: no {key!r} list")
+            raise InputError(f"{where} is not a COCO instances file: no {key!r} list")
     for key in keys:
         if not coco[key]:
-            raise ValueError(f"{where} has no {key}: the dataset is empty")
+            raise InputError(f"{where} has no {key}: the dataset is empty")
 
     categories = {entry_field(c, "id", where, "category"): c for c in coco["categories"]}
     for category_id, category in categories.items():
@@ -106,37 +108,37 @@ def check_coco_dataset(json_file, image_dir, name="dataset"):
     for image in coco["images"]:
         image_id = entry_field(image, "id", where, "image")
         if image_id in file_names:
-            raise ValueError(f"{where}: image id {image_id} appears more than once")
+            raise InputError(f"{where}: image id {image_id} appears more than once")
         file_names[image_id] = entry_field(image, "file_name", where, f"image {image_id}")
     annotation_ids = set()
     for annotation in coco["annotations"]:
         annotation_id = entry_field(annotation, "id", where, "annotation")
         if annotation_id in annotation_ids:  # load_coco_json would assert this only when training starts
-            raise ValueError(f"{where}: annotation id {annotation_id} appears more than once")
+            raise InputError(f"{where}: annotation id {annotation_id} appears more than once")
         annotation_ids.add(annotation_id)
         image_id = entry_field(annotation, "image_id", where, f"annotation {annotation_id}")
         if image_id not in file_names:
-            raise ValueError(
+            raise InputError(
                 f"{where}: annotation {annotation_id} refers to image id {image_id}, which is not in 'images'"
             )
         category_id = entry_field(annotation, "category_id", where, f"annotation {annotation_id}")
         if category_id not in categories:
-            raise ValueError(
+            raise InputError(
                 f"{where}: annotation {annotation_id} has category_id {category_id}, which is not in 'categories' "
                 f"(ids {', '.join(map(str, sorted(categories)))})"
             )
     # detectron2 reads every listed image, annotated or not (unannotated ones are test images or negatives).
     for image_id, file_name in file_names.items():
         if not os.path.isfile(os.path.join(image_dir, file_name)):
-            raise FileNotFoundError(f"{where}: image {image_id} file {file_name!r} is not in {image_dir}")
+            raise InputError(f"{where}: image {image_id} file {file_name!r} is not in {image_dir}")
     # The order load_coco_json gives thing_classes (by category id), so the two agree.
     return [categories[i]["name"] for i in sorted(categories)]
 
 
 def entry_field(entry, key, where, what):
-    """``entry[key]``, or a ValueError naming the entry that lacks it."""
+    """``entry[key]``, or an InputError naming the entry that lacks it."""
     if not isinstance(entry, dict) or key not in entry:
-        raise ValueError(f"{where}: {what} {json.dumps(entry)[:80]} has no {key!r}")
+        raise InputError(f"{where}: {what} {json.dumps(entry)[:80]} has no {key!r}")
     return entry[key]
 
 

@@ -23,6 +23,7 @@ from gn_det.analysis.feature_stats import (
     read_feature_stats,
     write_feature_stats,
 )
+from gn_det.errors import InputError
 
 from .setup import train_or_evaluate
 from .trainer import GNTrainer
@@ -35,19 +36,51 @@ def default_feature_layer(model):
     the input of its norm (the raw conv output), or at the conv's output when it has no norm."""
     convs = [(name, m) for name, m in model.named_modules() if isinstance(m, Conv2d) and ".res5." in f".{name}"]
     if not convs:
-        raise ValueError("the model has no res5 stage; choose the layer to record (--layer MODULE_PATH)")
+        raise InputError("the model has no res5 stage; choose the layer to record (--layer MODULE_PATH)")
     name, conv = convs[-1]
     return (f"{name}.norm", "input") if conv.norm is not None else (name, "output")
 
 
 def find_module(model, path):
-    """``model``'s submodule at ``path``; ValueError naming the closest existing paths otherwise."""
+    """``model``'s submodule at ``path``; InputError naming the closest existing paths otherwise."""
     modules = dict(model.named_modules())
     if path not in modules:
         close = difflib.get_close_matches(path, [n for n in modules if n], n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"the model has no module {path!r} to record features of{hint}")
+        raise InputError(f"the model has no module {path!r} to record features of{hint}")
     return modules[path]
+
+
+def resolve_feature_layer(model, layer=None, where=None):
+    """(layer, where, module) that the hook records in ``model``: :func:`default_feature_layer` for
+    ``layer=None``, the output of a given layer for ``where=None``; an InputError naming a wrong layer."""
+    if layer is None:
+        layer, default_where = default_feature_layer(model)
+    else:
+        default_where = "output"
+    return layer, where or default_where, find_module(model, layer)
+
+
+def check_hook_settings(where, period):
+    if where is not None and where not in WHERE:
+        raise InputError(f"where={where!r}; choose one of {', '.join(map(repr, WHERE))}")
+    if period < 1:
+        raise InputError(f"feature stats period={period} must be >= 1")
+
+
+def earlier_feature_stats(output_dir, layer, where):
+    """The ``feature_stats.json`` an earlier part of the run left in ``output_dir`` (None if none); an
+    InputError when it records another layer, which a continued file would mix up."""
+    path = os.path.join(output_dir, FEATURE_STATS_FILE)
+    if not os.path.isfile(path):
+        return None
+    earlier = read_feature_stats(output_dir)
+    if (earlier["layer"], earlier["where"]) != (layer, where):
+        raise InputError(
+            f"{path} records {earlier['layer']} ({earlier['where']}), not {layer} ({where}); use another "
+            "OUTPUT_DIR or the same layer"
+        )
+    return earlier
 
 
 class FeatureStatsHook(HookBase):
@@ -62,10 +95,7 @@ class FeatureStatsHook(HookBase):
     """
 
     def __init__(self, output_dir, layer=None, where=None, period=10):
-        if where is not None and where not in WHERE:
-            raise ValueError(f"where={where!r}; choose one of {', '.join(map(repr, WHERE))}")
-        if period < 1:
-            raise ValueError(f"feature stats period={period} must be >= 1")
+        check_hook_settings(where, period)
         self._output_dir = output_dir
         self._layer, self._where, self._period = layer, where, period
         self._handle = None
@@ -78,12 +108,7 @@ class FeatureStatsHook(HookBase):
             return
         model = self.trainer.model
         model = model.module if isinstance(model, DistributedDataParallel) else model
-        if self._layer is None:
-            self._layer, default_where = default_feature_layer(model)
-        else:
-            default_where = "output"
-        self._where = self._where or default_where
-        module = find_module(model, self._layer)
+        self._layer, self._where, module = resolve_feature_layer(model, self._layer, self._where)
         if self._where == "input":
             self._handle = module.register_forward_pre_hook(lambda _module, inputs: self._capture(inputs[0]))
         else:
@@ -93,15 +118,9 @@ class FeatureStatsHook(HookBase):
     def _resumed_stats(self):
         """The records of an earlier part of this run (before the iteration it resumes from), or none."""
         fresh = {"layer": self._layer, "where": self._where, "percentiles": list(PERCENTILES), "records": []}
-        if not os.path.isfile(os.path.join(self._output_dir, FEATURE_STATS_FILE)):
-            return fresh
-        earlier = read_feature_stats(self._output_dir)
-        if (earlier["layer"], earlier["where"]) != (self._layer, self._where):
-            raise ValueError(
-                f"{os.path.join(self._output_dir, FEATURE_STATS_FILE)} records {earlier['layer']} "
-                f"({earlier['where']}), not {self._layer} ({self._where}); use another OUTPUT_DIR or the same layer"
-            )
-        fresh["records"] = [r for r in earlier["records"] if r["iteration"] < self.trainer.start_iter]
+        earlier = earlier_feature_stats(self._output_dir, self._layer, self._where)
+        if earlier is not None:
+            fresh["records"] = [r for r in earlier["records"] if r["iteration"] < self.trainer.start_iter]
         return fresh
 
     def _capture(self, value):
@@ -109,7 +128,7 @@ class FeatureStatsHook(HookBase):
             return
         self._wanted = False  # the first call of the iteration: a module called twice is measured once
         if not isinstance(value, torch.Tensor):
-            raise ValueError(f"{self._layer} ({self._where}) is a {type(value).__name__}, not a tensor; "
+            raise InputError(f"{self._layer} ({self._where}) is a {type(value).__name__}, not a tensor; "
                              "choose a module that takes/returns one tensor")
         self._captured = feature_percentiles(value)
 
@@ -144,9 +163,18 @@ class FeatureStatsTrainer(GNTrainer):
         return [self._feature_stats_hook] + super().build_hooks()
 
 
+def check_feature_stats_settings(layer, where, period, cfg, model):
+    """Before anything is written: the hook's settings, the layer in the model, an earlier feature_stats.json
+    in OUTPUT_DIR recording the same layer."""
+    check_hook_settings(where, period)
+    layer, where, _ = resolve_feature_layer(model, layer, where)
+    earlier_feature_stats(cfg.OUTPUT_DIR, layer, where)
+
+
 def train_with_feature_stats(args):
     """tools/train_net.py's ``train_or_evaluate`` with :class:`FeatureStatsTrainer`; ``args`` also carry
     ``layer``, ``where`` and ``period``. ``--eval-only`` evaluates as train_net does (nothing to record)."""
     return train_or_evaluate(
-        args, functools.partial(FeatureStatsTrainer, layer=args.layer, where=args.where, period=args.period)
+        args, functools.partial(FeatureStatsTrainer, layer=args.layer, where=args.where, period=args.period),
+        check_model=functools.partial(check_feature_stats_settings, args.layer, args.where, args.period),
     )

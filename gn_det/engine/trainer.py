@@ -1,19 +1,22 @@
 """gn-det's trainer: detectron2's DefaultTrainer with the paper's optimizer recipe, COCO evaluation,
 results written as JSON, and CPU-friendly distributed training."""
+import contextlib
+import functools
 import logging
 import os
 import resource
-import weakref
 
 import torch
 
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase, SimpleTrainer, create_ddp_model
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.engine import DefaultTrainer, HookBase
+from detectron2.engine import defaults as d2_defaults
 from detectron2.engine.train_loop import TrainerBase
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
 
+from gn_det.data import CheckedDatasetMapper
+from gn_det.errors import InputError, one_line
 from gn_det.fileio import write_json_atomically
 from gn_det.solver import build_gn_optimizer
 
@@ -39,33 +42,55 @@ class PeakMemoryHook(HookBase):
         self.trainer.storage.put_scalar("peak_memory_mb", peak_memory_mb(self._device), smoothing_hint=False)
 
 
+@contextlib.contextmanager
+def ddp_for_device(device):
+    """While DefaultTrainer.__init__ runs: DDP wraps a CPU model with ``device_ids=None``.
+
+    detectron2's ``create_ddp_model`` (engine/defaults.py) passes ``device_ids=[local_rank]``, which torch's
+    DistributedDataParallel rejects for a CPU model, so `--num-gpus 2` without CUDA would fail. The name
+    DefaultTrainer.__init__ calls is bound to the same function with ``device_ids=None`` for as long as it runs;
+    everything else of the construction stays detectron2's.
+    """
+    if not str(device).startswith("cpu"):
+        yield
+        return
+    original = d2_defaults.create_ddp_model
+    d2_defaults.create_ddp_model = functools.partial(original, device_ids=None)
+    try:
+        yield
+    finally:
+        d2_defaults.create_ddp_model = original
+
+
+def log_input_errors_in_one_line(record):
+    """Logging filter for detectron2's training loop, which logs any exception that ends training with its
+    traceback ("Exception during training:"): bad input (and a NaN/Inf loss) is logged as its one line."""
+    error = record.exc_info[1] if record.exc_info else None
+    if isinstance(error, (InputError, FloatingPointError)):
+        record.msg, record.args = f"{record.msg} {type(error).__name__}: {' '.join(one_line(error).split())}", ()
+        record.exc_info = record.exc_text = None
+    return True
+
+
 class GNTrainer(DefaultTrainer):
     """DefaultTrainer with SGD groups logged as a table (γ/β decay ``SOLVER.WEIGHT_DECAY_NORM``),
     ``COCOEvaluator`` for box and mask AP, and ``OUTPUT_DIR/results.json`` after each evaluation.
 
     ``MODEL.PRECISION: fp16`` trains with detectron2's AMPTrainer (gradient scaler); bf16 needs no scaler.
+    Images are read by :class:`CheckedDatasetMapper` (one that cannot be decoded is an InputError naming it, or
+    in training skipped with a warning under ``DATALOADER.SKIP_UNDECODABLE_IMAGES``);
+    a NaN/Inf loss is an InputError naming the iteration.
     """
 
     def __init__(self, cfg):
-        # DefaultTrainer.__init__ asks DDP for device_ids=[local_rank], which torch rejects for a CPU model, so
-        # `--num-gpus 2` without CUDA would fail; this is the same construction with device_ids=None on CPU.
-        TrainerBase.__init__(self)
-        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
-            setup_logger()
-        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
-        model = self.build_model(cfg)
-        optimizer = self.build_optimizer(cfg, model)
-        data_loader = self.build_train_loader(cfg)
-        on_cpu = next(model.parameters()).device.type == "cpu"
-        model = create_ddp_model(model, broadcast_buffers=False, **({"device_ids": None} if on_cpu else {}))
-        fp16 = cfg.MODEL.PRECISION == "fp16" or cfg.SOLVER.AMP.ENABLED
-        self._trainer = (AMPTrainer if fp16 else SimpleTrainer)(model, data_loader, optimizer)
-        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
-        self.start_iter = 0
-        self.max_iter = cfg.SOLVER.MAX_ITER
-        self.cfg = cfg
-        self.register_hooks(self.build_hooks())
+        if cfg.MODEL.PRECISION == "fp16" and not cfg.SOLVER.AMP.ENABLED:
+            # fp16 trains with a gradient scaler: DefaultTrainer builds detectron2's AMPTrainer for AMP.ENABLED
+            cfg = cfg.clone()
+            cfg.defrost()
+            cfg.SOLVER.AMP.ENABLED = True
+            cfg.freeze()
+        with ddp_for_device(cfg.MODEL.DEVICE):
+            super().__init__(cfg)
 
     def build_hooks(self):
         hooks = super().build_hooks()
@@ -73,15 +98,31 @@ class GNTrainer(DefaultTrainer):
         return hooks
 
     def train(self):
+        train_loop_logger = logging.getLogger(TrainerBase.__module__)
+        train_loop_logger.addFilter(log_input_errors_in_one_line)
         try:
             return super().train()
         except FloatingPointError as err:
             # detectron2's message spans lines (it prints the loss dict); keep the offender on one line
             detail = " ".join(str(err).split())
-            raise FloatingPointError(
+            raise InputError(
                 f"training diverged (NaN/Inf) at iteration {self.iter}: {detail} Checkpoints already in "
                 f"{self.cfg.OUTPUT_DIR} are kept (lower SOLVER.BASE_LR or enable SOLVER.CLIP_GRADIENTS)"
             ) from None
+        finally:
+            train_loop_logger.removeFilter(log_input_errors_in_one_line)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        mapper = CheckedDatasetMapper(cfg, is_train=True, dataset_names=cfg.DATASETS.TRAIN,
+                                      skip_undecodable=cfg.DATALOADER.SKIP_UNDECODABLE_IMAGES)
+        return build_detection_train_loader(cfg, mapper=mapper)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(
+            cfg, dataset_name, mapper=CheckedDatasetMapper(cfg, is_train=False, dataset_names=[dataset_name])
+        )
 
     @classmethod
     def build_optimizer(cls, cfg, model):

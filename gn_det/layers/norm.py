@@ -10,6 +10,8 @@ from torch import nn
 
 from detectron2.layers import FrozenBatchNorm2d, NaiveSyncBatchNorm, get_norm
 
+from gn_det.errors import InputError
+
 # Names accepted at every norm site. "" means no norm (the conv then keeps its bias).
 NORM_NAMES = ("GN", "FrozenBN", "BN", "SyncBN", "naiveSyncBN", "")
 
@@ -73,7 +75,7 @@ def norm_factory(name, num_groups=32, dim_per_group=-1, eps=1e-5, key="norm", gr
     if callable(name):
         return name
     if name not in NORM_NAMES:
-        raise ValueError(f"{key}={name!r} is not a norm; choose one of {', '.join(map(repr, NORM_NAMES))}")
+        raise InputError(f"{key}={name!r} is not a norm; choose one of {', '.join(map(repr, NORM_NAMES))}")
     if name == "":
         return ""
     if name == "GN":
@@ -85,9 +87,9 @@ def norm_factory(name, num_groups=32, dim_per_group=-1, eps=1e-5, key="norm", gr
 
 
 def check_norm_sites(module, prefix):
-    """Raise a one-line ValueError naming the first layer whose channels the group setting cannot split."""
+    """Raise a one-line InputError naming the first layer whose channels the group setting cannot split."""
     for name, child in module.named_modules(prefix=prefix):
         if isinstance(child, UnsplittableGroupNorm):
-            raise ValueError(
+            raise InputError(
                 f"{name}: {child.num_channels} channels cannot be split into groups by {child.setting}"
             )

@@ -1,0 +1,36 @@
+"""detectron2's ``launch`` for gn-det's tools: bad input in a spawned worker reaches the user as one line."""
+import functools
+
+from torch.multiprocessing import ProcessRaisedException
+
+from detectron2.engine import launch as d2_launch
+
+from gn_det.errors import InputError, input_error_in_traceback, one_line
+
+
+def raise_input_errors_as_such(main_func, *args):
+    """``main_func(*args)``, with any InputError (a subclass, or one from a DataLoader worker) raised as a plain
+    InputError of its one line, so that the traceback text a spawned worker sends its parent ends with it."""
+    try:
+        return main_func(*args)
+    except InputError as err:
+        raise InputError(one_line(err)) from None
+
+
+def launch(main_func, args):
+    """``detectron2.engine.launch(main_func, ...)`` with train_net's flags (``--num-gpus``, ``--num-machines``,
+    ``--machine-rank``, ``--dist-url``) and ``main_func(args)`` in every process.
+
+    Each process checks its input itself (:func:`gn_det.engine.setup`); when a spawned worker raises an
+    InputError, torch hands the parent its traceback text, and the parent raises that InputError again: the
+    tool prints its one line, not the worker's traceback. Any other error of a worker keeps its traceback.
+    """
+    try:
+        d2_launch(functools.partial(raise_input_errors_as_such, main_func), args.num_gpus,
+                  num_machines=args.num_machines, machine_rank=args.machine_rank, dist_url=args.dist_url,
+                  args=(args,))
+    except ProcessRaisedException as err:
+        input_error = input_error_in_traceback(err.msg)
+        if input_error is None:
+            raise
+        raise input_error from None
