@@ -269,11 +269,11 @@ def measure_variant(name, args):
         sum(losses.values()).backward()
         optimizer.step()
 
-    if wrap == "amp":  # detectron2's own step: autocast, gradient scaler, its metrics
-        train_step = AMPTrainer(model, itertools.repeat(batch), optimizer).run_step
+    # "amp": detectron2's own step (autocast, gradient scaler, its metrics)
+    step = AMPTrainer(model, itertools.repeat(batch), optimizer).run_step if wrap == "amp" else train_step
 
     with EventStorage():  # detectron2's heads log training statistics to it
-        train_times = timed_calls(train_step, args.warmup, args.repeats, device)
+        train_times = timed_calls(step, args.warmup, args.repeats, device)
     return with_medians({
         "config": VARIANTS[name]["config"],
         "options": VARIANTS[name]["options"] + list(args.config),
