@@ -43,20 +43,20 @@ def result(image_id, box, category_id, score=0.9):
 
 def test_found_masks_needs_the_class_an_iou_of_one_half_and_the_score():
     truth = record(1, [((0, 0, 8, 8), 0), ((8, 8, 16, 16), 1)])
-    to_contiguous = {1: 0, 2: 1}  # dataset ids 1, 2 are classes 0, 1
-    assert found_masks(truth, [result(1, (0, 0, 8, 8), 1), result(1, (8, 8, 16, 16), 2)], to_contiguous, 0.5) == 2
-    assert found_masks(truth, [result(1, (0, 0, 8, 8), 2)], to_contiguous, 0.5) == 0  # wrong class
-    assert found_masks(truth, [result(1, (0, 0, 8, 3), 1)], to_contiguous, 0.5) == 0  # IoU 3/8
-    assert found_masks(truth, [result(1, (0, 0, 8, 8), 1, score=0.4)], to_contiguous, 0.5) == 0
+    # COCOEvaluator's saved results carry contiguous class indices, as the dataset dicts do
+    assert found_masks(truth, [result(1, (0, 0, 8, 8), 0), result(1, (8, 8, 16, 16), 1)], 0.5) == 2
+    assert found_masks(truth, [result(1, (0, 0, 8, 8), 1)], 0.5) == 0  # wrong class
+    assert found_masks(truth, [result(1, (0, 0, 8, 3), 0)], 0.5) == 0  # IoU 3/8
+    assert found_masks(truth, [result(1, (0, 0, 8, 8), 0, score=0.4)], 0.5) == 0
 
 
 def test_images_where_runs_differ_most_come_first_and_even_spacing_is_by_dataset_order():
     records = [record(i, [((0, 0, 8, 8), 0)]) for i in range(1, 6)]
-    both = {i: [result(i, (0, 0, 8, 8), 1)] for i in range(1, 6)}
+    both = {i: [result(i, (0, 0, 8, 8), 0)] for i in range(1, 6)}
     one = {i: both[i] for i in (1, 2, 5)}  # misses images 3 and 4, which the other run finds
-    chosen = choose_images(records, [both, one], {1: 0}, 3, "differ", 0.5)
+    chosen = choose_images(records, [both, one], 3, "differ", 0.5)
     assert [r["image_id"] for r in chosen] == [3, 4, 1]
-    assert [r["image_id"] for r in choose_images(records, [both, one], {1: 0}, 3, "even", 0.5)] == [1, 3, 5]
+    assert [r["image_id"] for r in choose_images(records, [both, one], 3, "even", 0.5)] == [1, 3, 5]
 
 
 def test_visualize_writes_a_png_per_image_with_ground_truth_and_each_run(tiny_shapes_runs, tmp_path):

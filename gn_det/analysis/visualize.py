@@ -82,23 +82,26 @@ def to_rle(segmentation, height, width):
     return segmentation
 
 
-def instances_from_results(results, height, width, to_contiguous, score_threshold):
+def instances_from_results(results, height, width, score_threshold):
     """detectron2 ``Instances`` (what ``Visualizer.draw_instance_predictions`` draws) of COCO results
-    scoring at least ``score_threshold``; ``to_contiguous`` maps dataset category ids to class indices."""
+    scoring at least ``score_threshold``.
+
+    The results are those of ``COCOEvaluator``'s ``instances_predictions.pth``, whose ``category_id`` is still
+    the model's contiguous class index (``instances_to_coco_json`` runs before the evaluator maps ids back to
+    the dataset's), the index ``metadata.thing_classes`` is read with."""
     kept = [r for r in results if r["score"] >= score_threshold]
     instances = Instances((height, width))
     boxes = np.array([r["bbox"] for r in kept], dtype=np.float32).reshape(-1, 4)
     instances.pred_boxes = Boxes(BoxMode.convert(boxes, BoxMode.XYWH_ABS, BoxMode.XYXY_ABS))
     instances.scores = torch.tensor([r["score"] for r in kept], dtype=torch.float32)
-    instances.pred_classes = torch.tensor([to_contiguous.get(r["category_id"], r["category_id"]) for r in kept],
-                                          dtype=torch.int64)
+    instances.pred_classes = torch.tensor([r["category_id"] for r in kept], dtype=torch.int64)
     if kept and "segmentation" in kept[0]:
         masks = [mask_util.decode(to_rle(r["segmentation"], height, width)) for r in kept]
         instances.pred_masks = torch.from_numpy(np.stack(masks).astype(bool))
     return instances
 
 
-def found_masks(record, results, to_contiguous, score_threshold):
+def found_masks(record, results, score_threshold):
     """How many ground-truth masks of the dataset dict ``record`` a same-class prediction (scoring at least
     ``score_threshold``) overlaps with mask IoU >= MATCH_IOU."""
     height, width = record["height"], record["width"]
@@ -108,12 +111,12 @@ def found_masks(record, results, to_contiguous, score_threshold):
         return 0
     ious = mask_util.iou([to_rle(r["segmentation"], height, width) for r in predicted],
                          [to_rle(a["segmentation"], height, width) for a in truth], [0] * len(truth))
-    same_class = (np.array([to_contiguous.get(r["category_id"], r["category_id"]) for r in predicted])[:, None]
+    same_class = (np.array([r["category_id"] for r in predicted])[:, None]
                   == np.array([a["category_id"] for a in truth])[None, :])
     return int(((np.asarray(ious) >= MATCH_IOU) & same_class).any(axis=0).sum())
 
 
-def choose_images(records, predictions, to_contiguous, count, selection, score_threshold):
+def choose_images(records, predictions, count, selection, score_threshold):
     """``count`` dataset dicts, deterministically.
 
     ``"differ"``: those where the runs' numbers of found ground-truth masks differ most, then those with
@@ -124,7 +127,7 @@ def choose_images(records, predictions, to_contiguous, count, selection, score_t
         return [records[i] for i in np.linspace(0, len(records) - 1, count).round().astype(int)]
     ranked = []
     for position, record in enumerate(records):
-        found = [found_masks(record, p.get(record["image_id"], []), to_contiguous, score_threshold)
+        found = [found_masks(record, p.get(record["image_id"], []), score_threshold)
                  for p in predictions]
         missed = len(record.get("annotations", [])) * len(found) - sum(found)
         ranked.append((-(max(found) - min(found)), -missed, position))
@@ -152,7 +155,7 @@ def titled(panel, lines):
     return np.asarray(image)
 
 
-def draw_panels(record, runs, predictions, metadata, to_contiguous, score_threshold, scale):
+def draw_panels(record, runs, predictions, metadata, score_threshold, scale):
     """One row: the ground truth, then each run's predictions, as an HxWx3 uint8 array."""
     rgb = read_image(record["file_name"], format="RGB")
     height, width = rgb.shape[:2]
@@ -163,7 +166,7 @@ def draw_panels(record, runs, predictions, metadata, to_contiguous, score_thresh
                      ("ground truth", os.path.basename(record["file_name"])))]
     for run, run_predictions in zip(runs, predictions):
         instances = instances_from_results(run_predictions.get(record["image_id"], []), height, width,
-                                           to_contiguous, score_threshold)
+                                           score_threshold)
         np.random.seed(0)
         drawn = Visualizer(rgb, metadata, scale=scale).draw_instance_predictions(instances).get_image()
         panels.append(titled(drawn, ap_title(run)))
@@ -223,11 +226,10 @@ def visualize_runs(run_dirs, out_dir, labels=None, dataset=None, num_images=4, s
         runs[run_dir] = Run(evaluate_run(dataset, run_config, run_weights, eval_dir), labels[run_dirs.index(run_dir)])
     runs = [runs[d] for d in run_dirs]
     predictions = [load_predictions(run.output_dir, dataset) for run in runs]
-    to_contiguous = metadata.get("thing_dataset_id_to_contiguous_id", {})
-    chosen = choose_images(records, predictions, to_contiguous, num_images, selection, score_threshold)
+    chosen = choose_images(records, predictions, num_images, selection, score_threshold)
     rows, paths = [], []
     for record in chosen:
-        row = draw_panels(record, runs, predictions, metadata, to_contiguous, score_threshold, scale)
+        row = draw_panels(record, runs, predictions, metadata, score_threshold, scale)
         paths.append(os.path.join(out_dir, os.path.splitext(os.path.basename(record["file_name"]))[0] + ".png"))
         Image.fromarray(row).save(paths[-1])
         rows.append(row)
