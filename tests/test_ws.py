@@ -44,3 +44,22 @@ def test_ws_keeps_parameter_names_and_changes_outputs():
     assert isinstance(ws_conv, WSConv2d) and not isinstance(conv, WSConv2d)
     expected = torch.nn.functional.conv2d(x, standardize_weight(conv.weight), None, 2, 3)
     torch.testing.assert_close(ws_conv(x), conv.norm(expected))  # the stem applies its ReLU outside
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["d2_path", "cpu_fast_path"])
+def test_every_normed_conv_that_runs_is_a_ws_conv(fast):
+    # FPN's forward reads its convs from plain lists, so a conv left there unconverted would still run
+    cfg = get_gn_cfg(GN_FPN, TINY_OPTS + ["MODEL.GN.WS", "True", "MODEL.CPU_FAST_PATH", str(fast)])
+    model = build_model(cfg).eval()
+    fpn = model.backbone
+    assert all(c is getattr(fpn, f"fpn_lateral{i}") for c, i in zip(fpn.lateral_convs, (5, 4, 3, 2)))
+    assert all(c is getattr(fpn, f"fpn_output{i}") for c, i in zip(fpn.output_convs, (5, 4, 3, 2)))
+    ran = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d) and getattr(m, "norm", None) is not None:
+            m.register_forward_hook(lambda mod, inputs, out: ran.append(mod))
+    with torch.no_grad():
+        model([{"image": torch.randint(0, 255, (3, 96, 128), dtype=torch.uint8)}])
+    assert len({id(m) for m in ran}) == sum(1 for m in model.modules() if isinstance(m, WSConv2d)) > 20
+    assert all(type(m) is WSConv2d for m in ran)
+    assert [m for m in model.modules() if isinstance(m, WSConv2d) and m.weight.is_meta] == []

@@ -32,15 +32,40 @@ class WSConv2d(Conv2d):
         return x
 
 
-def convert_to_ws(module):
-    """Turn every detectron2 ``Conv2d`` of ``module`` that carries a norm into a ``WSConv2d``, in place.
+def ws_conv_from(conv):
+    """A ``WSConv2d`` with ``conv``'s settings that holds ``conv``'s own weight, bias, norm and activation.
 
-    Only the class changes (no new parameter, no copy), so names, weights and hooks stay as they were.
-    Returns the number of convs converted.
+    Built on the meta device, so nothing is allocated or initialised before the parameters are handed over.
     """
-    converted = 0
-    for child in module.modules():
-        if type(child) is Conv2d and child.norm is not None:
-            child.__class__ = WSConv2d
-            converted += 1
-    return converted
+    ws = WSConv2d(
+        conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+        dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode,
+        norm=conv.norm, activation=conv.activation, device="meta",
+    )
+    ws.weight = conv.weight
+    ws.bias = conv.bias
+    ws.train(conv.training)
+    return ws
+
+
+def use_ws_convs(module):
+    """Give ``module`` (being built: call it from its builder, before it is part of any model) a ``WSConv2d``
+    for every detectron2 ``Conv2d`` that carries a norm.
+
+    detectron2's builders take no conv class, so the convs they create are replaced here; each replacement holds
+    the same parameters under the same name, so state dicts are unchanged. detectron2's FPN also keeps its convs
+    in plain lists (``lateral_convs``, ``output_convs``) that its forward reads; those lists are updated too.
+    Returns the number of convs replaced.
+    """
+    replaced = {}
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is Conv2d and child.norm is not None:
+                if child not in replaced:
+                    replaced[child] = ws_conv_from(child)
+                setattr(parent, name, replaced[child])
+    for parent in module.modules():
+        for name, value in vars(parent).items():
+            if isinstance(value, list) and any(isinstance(v, Conv2d) and v in replaced for v in value):
+                setattr(parent, name, [replaced.get(v, v) if isinstance(v, Conv2d) else v for v in value])
+    return len(replaced)

@@ -1,7 +1,7 @@
 """Registered heads whose convs take the configured norm, and that build the CPU fast path's pieces.
 
 Each is a thin subclass of the detectron2 head it names: ``from_config`` hands the parent a config whose norm
-keys hold gn-det factories, and the built head is checked (and turned into GN+WS when ``MODEL.GN.WS``) the
+keys hold gn-det factories, and the built head is checked (and given GN+WS convs when ``MODEL.GN.WS``) the
 same way as the backbones. Parameter names are the parent's. With ``MODEL.CPU_FAST_PATH`` they are built with
 the pieces of ``gn_det.cpu`` (poolers, box predictor, chunked CPU inference, in-place CPU ReLUs); without it
 they compute exactly as their parents.

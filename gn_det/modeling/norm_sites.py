@@ -6,7 +6,7 @@ builders unchanged (ResNet stages, FPN, box/mask/RetinaNet heads) with a configu
 """
 from gn_det.config import NORM_SITE_KEYS, check_gn_config
 from gn_det.cpu import NCHWCopyGroupNorm, cpu_fast_path
-from gn_det.layers import GroupNorm, check_norm_sites, convert_to_ws, norm_factory
+from gn_det.layers import GroupNorm, check_norm_sites, use_ws_convs, norm_factory
 
 
 def with_norm_factories(cfg):
@@ -38,5 +38,5 @@ def finish_norm_sites(module, cfg, prefix):
     """
     check_norm_sites(module, prefix)
     if cfg.MODEL.GN.WS:
-        convert_to_ws(module)
+        use_ws_convs(module)
     return module
