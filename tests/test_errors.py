@@ -111,6 +111,16 @@ def test_each_bad_input_is_one_line_and_leaves_the_earlier_run_unchanged(tmp_pat
         assert file_hashes(earlier_run) == before, case
 
 
+def test_a_diverging_run_ends_in_one_line_naming_the_iteration(tmp_path, tiny_shapes):
+    out = tmp_path / "diverged"
+    proc = run_tool("train_net.py", "--config-file", GN_SHAPES, *tiny_shapes, *TINY_OPTS, *SMALL,
+                    "SOLVER.BASE_LR", "1e12", "SOLVER.CLIP_GRADIENTS.ENABLED", "False", "SOLVER.MAX_ITER", "5",
+                    "OUTPUT_DIR", str(out))
+    line = one_line_error(proc, "train_net.py")
+    assert "training diverged (NaN/Inf) at iteration" in line and "SOLVER.BASE_LR" in line, line
+    assert "Exception during training: FloatingPointError:" in (out / "log.txt").read_text()  # logged as one line
+
+
 def test_resume_from_a_truncated_checkpoint_names_it(earlier_run, tiny_shapes, truncated_checkpoint):
     shutil.copy(truncated_checkpoint, earlier_run / "model_0000009.pth")
     (earlier_run / "last_checkpoint").write_text("model_0000009.pth")
@@ -231,3 +241,19 @@ def test_launch_raises_a_workers_input_error_as_such_and_keeps_other_errors_trac
     # a bug in a worker: torch's exception, carrying the worker's traceback
     with pytest.raises(ProcessRaisedException, match=r"(?s)Traceback.*KeyError: 'internal'"):
         launch(functools.partial(raise_in_worker, KeyError, "internal"), args)
+
+
+@pytest.mark.parametrize("batch, world_size, ok", [(3, 2, False), (4, 2, True), (0, 1, False), (2, 1, True)])
+def test_batch_must_split_evenly_over_the_processes(batch, world_size, ok):
+    from gn_det.config import get_gn_cfg
+    from gn_det.engine.setup import check_run_settings
+    from gn_det.errors import InputError
+
+    cfg = get_gn_cfg(GN_SHAPES, ["SOLVER.IMS_PER_BATCH", str(batch), "MODEL.DEVICE", "cpu"])
+    check_run_settings(cfg, "my.yaml", world_size, training=False)  # evaluation ignores the training batch
+    if ok:
+        check_run_settings(cfg, "my.yaml", world_size, training=True)
+    else:
+        with pytest.raises(InputError, match=rf"^my\.yaml: SOLVER\.IMS_PER_BATCH={batch} must be a positive "
+                                             rf"multiple of the number of processes \({world_size}\)$"):
+            check_run_settings(cfg, "my.yaml", world_size, training=True)

@@ -219,9 +219,9 @@ def test_lsj_gn16_user_config_trains_on_cpu(tmp_path, tiny_lazy_shapes):
     assert metrics[-1]["iteration"] == 1 and "peak_memory_mb" in metrics[-1]
 
 
-def run_train_net(*args):
+def run_train_net(*args, env=None):
     return subprocess.run([sys.executable, os.path.join(REPO, "tools", "train_net.py"), *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900, env=env)
 
 
 SMALL_SHAPES = ["dataloader.train.dataset.names=tiny_lazy_train", "dataloader.test.dataset.names=tiny_lazy_val",
@@ -259,11 +259,17 @@ def test_shapes_lazy_config_trains_on_two_processes_resumes_and_evaluates_throug
     (["dataloader.train.dataset.names=nope"], "names dataset 'nope', which is not registered"),
     (["model.backbone.norm={_target_: gn_det.GroupNormSpec, num_groups: 48}"],
      r"model\.backbone\.norm: 128 channels cannot be split into groups by GN num_groups=48$"),
+    # detectron2's built-in COCO, registered but its files absent (DETECTRON2_DATASETS points at an empty folder)
+    (["dataloader.test.dataset.names=coco_2017_val"],
+     r"dataloader\.test\.dataset\.names dataset 'coco_2017_val': json_file \S*/no_datasets/coco/annotations/"
+     r"instances_val2017\.json does not exist"),
+    (["train.init_checkpoint=/nonexistent/none.pth"], r"train\.init_checkpoint /nonexistent/none\.pth does not exist$"),
 ])
 def test_bad_lazy_input_is_one_line_and_writes_nothing(tmp_path, tiny_lazy_shapes, extra, message):
     out = tmp_path / "never"
+    env = {**os.environ, "DETECTRON2_DATASETS": str(tmp_path / "no_datasets")}
     proc = run_train_net("--config-file", SHAPES_PY, *tiny_lazy_shapes, *SMALL_SHAPES, f"train.output_dir={out}",
-                         *extra)
+                         *extra, env=env)
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("train_net.py: error: ") and "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -284,3 +290,13 @@ def test_lazy_config_without_a_section_the_run_needs_names_it():
     check_lazy_config(cfg, "my.py", eval_only=True)  # evaluation needs no schedule
     with pytest.raises(InputError, match=r"^my\.py: no lr_multiplier "):
         check_lazy_config(cfg, "my.py", eval_only=False)
+
+
+def test_a_diverging_lazy_run_ends_in_one_line_naming_the_iteration(tmp_path, tiny_lazy_shapes):
+    out = tmp_path / "diverged"
+    proc = run_train_net("--config-file", SHAPES_PY, *tiny_lazy_shapes, *SMALL_SHAPES, f"train.output_dir={out}",
+                         "optimizer.lr=1e12", "train.max_iter=5")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert re.match(r"train_net\.py: error: training diverged \(NaN/Inf\) at iteration \d+: .*lower optimizer\.lr",
+                    line), line

@@ -6,6 +6,8 @@ Run on chunks of a few hundred RoIs, each activation is still in cache when the 
 """
 import torch
 
+from detectron2.config import configurable
+
 # Activation bytes per chunk of RoIs in CPU inference: one layer's output for ~330 box-head RoIs (7x7x256 bf16)
 # or ~80 mask-head RoIs (14x14x256) stays in cache for the norm, ReLU and next conv that read it back
 # (the chunk sizes compared: docs/SPEED.md).
@@ -20,11 +22,19 @@ class RoIChunkedInference:
     so chunking changes no arithmetic, only the rounding of kernels whose blocking depends on the number of
     RoIs per call; it keeps each layer's activation small enough to stay in the CPU's cache
     between the conv that writes it and the norm and ReLU that read it, instead of going through memory.
-    The head's constructor sets ``inference_chunk_bytes`` (``MODEL.CPU_FAST_PATH``). Training never chunks
-    (no gain measured), nor does a head whose input is off the CPU (a GPU wants large batches).
+    ``inference_chunk_bytes`` is a constructor argument; the heads' ``from_config`` set it to
+    ``INFERENCE_CHUNK_BYTES`` with ``MODEL.CPU_FAST_PATH``. Training never chunks (no gain measured), nor does a
+    head whose input is off the CPU (a GPU wants large batches).
     """
 
-    inference_chunk_bytes = 0
+    @configurable
+    def __init__(self, *, inference_chunk_bytes=0, **kwargs):
+        super().__init__(**kwargs)
+        self.inference_chunk_bytes = inference_chunk_bytes
+
+    def extra_repr(self):
+        # print(model) shows whether CPU inference runs in chunks
+        return f"inference_chunk_bytes={self.inference_chunk_bytes}" if self.inference_chunk_bytes else ""
 
     def run_in_chunks(self, run, x):
         """``run(x)``, or ``run`` over chunks of the RoIs (dim 0) of ``x`` concatenated."""

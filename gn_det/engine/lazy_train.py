@@ -6,8 +6,9 @@ detectron2's package API. The config is read the same way: ``model``, ``dataload
 ``LazyConfig.apply_overrides``. On top of that it does what gn-det's YAML path does:
 
 - without CUDA it runs on CPU (``train.device``) and switches off fp16 AMP, which needs CUDA;
-- bad input (missing file or section, override under a missing section, dataset, group setting) stops with one
-  :class:`gn_det.InputError` line before anything is written to ``train.output_dir``;
+- bad input (missing file or section, override under a missing section, dataset or its files, group setting,
+  ``train.init_checkpoint`` or the ``--resume`` checkpoint) stops with one :class:`gn_det.InputError` line
+  before anything is written to ``train.output_dir``; a NaN/Inf loss stops with one line naming the iteration;
 - the optimizer's parameter groups are logged as a table (``gn_det.solver.param_group_table``);
 - every evaluation writes ``results.json`` (``gn_det.engine.trainer.write_results``);
 - ``--resume``, ``--num-gpus`` (also on CPU, through gloo) and ``--eval-only`` work as for YAML configs.
@@ -19,7 +20,6 @@ import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
-from detectron2.data import DatasetCatalog
 from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, default_writers, hooks
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
@@ -33,7 +33,8 @@ from gn_det.errors import InputError
 from gn_det.lazy import label_group_norm_sites
 from gn_det.solver import param_group_table
 
-from .trainer import PeakMemoryHook, write_results
+from .setup import check_dataset, read_checkpoint, weights_to_load
+from .trainer import PeakMemoryHook, ddp_device_arguments, training_errors_in_one_line, write_results
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,8 @@ def load_lazy_config(path, overrides=()):
 
 
 def check_lazy_config(cfg, source, eval_only):
-    """Raise one InputError line naming the first key the run needs that ``cfg`` lacks, or an unknown dataset."""
+    """Raise one InputError line naming the first key the run needs that ``cfg`` lacks, or a dataset that is
+    unknown or whose files are gone (:func:`gn_det.engine.setup.check_dataset`)."""
     needed = REQUIRED_KEYS + (("dataloader.test", "dataloader.evaluator") if eval_only else TRAIN_KEYS)
     for key in needed:
         if OmegaConf.select(cfg, key, default=None) is None:
@@ -73,9 +75,8 @@ def check_lazy_config(cfg, source, eval_only):
     for split in ("train", "test"):
         names = OmegaConf.select(cfg, f"dataloader.{split}.dataset.names", default=None)
         for name in [names] if isinstance(names, str) else (names or []):
-            if name not in DatasetCatalog.list():
-                raise InputError(f"{source}: dataloader.{split}.dataset.names names dataset {name!r}, which is "
-                                 "not registered (register it with --dataset NAME=JSON,IMAGE_DIR)")
+            check_dataset(name, f"dataloader.{split}.dataset.names", source,
+                          register_hint="--dataset NAME=JSON,IMAGE_DIR")
 
 
 def use_available_device(cfg):
@@ -115,11 +116,9 @@ def do_test(cfg, model):
 
 
 def ddp_arguments(cfg):
-    """``train.ddp`` for ``create_ddp_model``; a CPU model takes no ``device_ids`` (torch rejects them)."""
+    """``train.ddp`` for ``create_ddp_model``, with the device's ``device_ids`` (:func:`ddp_device_arguments`)."""
     arguments = dict(OmegaConf.select(cfg, "train.ddp", default={}) or {})
-    if torch.device(cfg.train.device).type == "cpu":
-        arguments["device_ids"] = None
-    return arguments
+    return {**arguments, **ddp_device_arguments(cfg.train.device)}
 
 
 def do_train(args, cfg, model):
@@ -146,7 +145,8 @@ def do_train(args, cfg, model):
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     # the checkpoint holds the iteration that just finished, so training goes on from the next one
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
-    trainer.train(start_iter, cfg.train.max_iter)
+    with training_errors_in_one_line(trainer, cfg.train.output_dir, "lower optimizer.lr"):
+        trainer.train(start_iter, cfg.train.max_iter)
     return trainer
 
 
@@ -161,6 +161,10 @@ def train_or_evaluate_lazy(args):
     seed = OmegaConf.select(cfg, "train.seed", default=-1)
     seed_all_rng(None if seed < 0 else seed + comm.get_rank())
     model = build_lazy_model(cfg)
+    what, path = weights_to_load(cfg.train.output_dir, cfg.train.init_checkpoint, args.resume,
+                                 "train.init_checkpoint")
+    if path is not None:
+        read_checkpoint(path, what)  # a missing or unreadable file is one line, before anything is written
     default_setup(cfg, args)
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="gn_det", abbrev_name="gn_det")
     if device_change:

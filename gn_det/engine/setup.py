@@ -65,34 +65,40 @@ def check_run_settings(cfg, source, world_size, training):
         )
 
 
+def check_dataset(name, key, source, register_hint="--dataset NAME=JSON,IMAGE_DIR or DATASETS.REGISTER"):
+    """Fail before anything is written when dataset ``name`` (read from config key ``key``) is unknown or its
+    files are gone."""
+    if name not in DatasetCatalog.list():
+        raise InputError(
+            f"{source}: {key} names dataset {name!r}, which is not registered (register it with {register_hint})"
+        )
+    if name in (f"shapes_{split}" for split in SHAPES_SPLITS):
+        ensure_shapes()  # generated on first use; from here on its files must exist like any other
+    meta = MetadataCatalog.get(name)
+    for field in ("json_file", "image_root"):
+        path = getattr(meta, field, None)
+        if path and not PathManager.exists(path):
+            raise InputError(
+                f"{source}: {key} dataset {name!r}: {field} {path} does not exist "
+                "(for COCO, set DETECTRON2_DATASETS to the folder holding coco/)"
+            )
+
+
 def check_datasets(cfg, source):
-    """Fail before anything is written when a dataset named by the config is unknown or its files are gone."""
+    """:func:`check_dataset` for every dataset of ``DATASETS.TRAIN`` and ``DATASETS.TEST``."""
     for key in ("DATASETS.TRAIN", "DATASETS.TEST"):
         for name in cfg.DATASETS[key.split(".")[1]]:
-            if name not in DatasetCatalog.list():
-                raise InputError(
-                    f"{source}: {key} names dataset {name!r}, which is not registered "
-                    "(register it with --dataset NAME=JSON,IMAGE_DIR or DATASETS.REGISTER)"
-                )
-            if name in (f"shapes_{split}" for split in SHAPES_SPLITS):
-                ensure_shapes()  # generated on first use; from here on its files must exist like any other
-            meta = MetadataCatalog.get(name)
-            for field in ("json_file", "image_root"):
-                path = getattr(meta, field, None)
-                if path and not PathManager.exists(path):
-                    raise InputError(
-                        f"{source}: {key} dataset {name!r}: {field} {path} does not exist "
-                        "(for COCO, set DETECTRON2_DATASETS to the folder holding coco/)"
-                    )
+            check_dataset(name, key, source)
 
 
-def weights_to_load(cfg, resume):
-    """(what, path) of the file training or evaluation loads first: with ``--resume``, the checkpoint that
-    ``OUTPUT_DIR/last_checkpoint`` names, when there is one; else ``MODEL.WEIGHTS`` (None when empty)."""
-    checkpointer = DetectionCheckpointer(None, save_dir=cfg.OUTPUT_DIR)
+def weights_to_load(output_dir, weights, resume, weights_key="MODEL.WEIGHTS"):
+    """(what, path) of the file training or evaluation loads first: with ``resume``, the checkpoint that
+    ``output_dir/last_checkpoint`` names, when there is one; else ``weights`` (None when empty), called by its
+    config key ``weights_key``."""
+    checkpointer = DetectionCheckpointer(None, save_dir=output_dir)
     if resume and checkpointer.has_checkpoint():
         return "the last checkpoint", checkpointer.get_checkpoint_file()
-    return "MODEL.WEIGHTS", cfg.MODEL.WEIGHTS or None
+    return weights_key, weights or None
 
 
 def read_checkpoint(path, what):
@@ -128,7 +134,7 @@ def check_model_and_weights(cfg, resume, check_model=None):
     model = build_model(cfg)
     if check_model is not None:
         check_model(cfg, model)
-    what, path = weights_to_load(cfg, resume)
+    what, path = weights_to_load(cfg.OUTPUT_DIR, cfg.MODEL.WEIGHTS, resume)
     if path is None:
         return
     checkpoint = read_checkpoint(path, what)

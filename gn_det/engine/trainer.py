@@ -42,20 +42,29 @@ class PeakMemoryHook(HookBase):
         self.trainer.storage.put_scalar("peak_memory_mb", peak_memory_mb(self._device), smoothing_hint=False)
 
 
+def ddp_device_arguments(device):
+    """The ``device_ids`` argument of detectron2's ``create_ddp_model`` for a model on ``device``.
+
+    ``create_ddp_model`` (engine/defaults.py) passes ``device_ids=[local_rank]`` unless told otherwise, which
+    torch's DistributedDataParallel rejects for a CPU model, so ``--num-gpus 2`` without CUDA would fail: a CPU
+    model gets ``device_ids=None``. Other devices keep detectron2's default (no argument).
+    """
+    return {"device_ids": None} if torch.device(device).type == "cpu" else {}
+
+
 @contextlib.contextmanager
 def ddp_for_device(device):
-    """While DefaultTrainer.__init__ runs: DDP wraps a CPU model with ``device_ids=None``.
+    """While DefaultTrainer.__init__ runs: DDP wraps the model with :func:`ddp_device_arguments`.
 
-    detectron2's ``create_ddp_model`` (engine/defaults.py) passes ``device_ids=[local_rank]``, which torch's
-    DistributedDataParallel rejects for a CPU model, so `--num-gpus 2` without CUDA would fail. The name
-    DefaultTrainer.__init__ calls is bound to the same function with ``device_ids=None`` for as long as it runs;
-    everything else of the construction stays detectron2's.
+    The name DefaultTrainer.__init__ calls is bound to detectron2's ``create_ddp_model`` with those arguments for
+    as long as it runs; everything else of the construction stays detectron2's.
     """
-    if not str(device).startswith("cpu"):
+    arguments = ddp_device_arguments(device)
+    if not arguments:
         yield
         return
     original = d2_defaults.create_ddp_model
-    d2_defaults.create_ddp_model = functools.partial(original, device_ids=None)
+    d2_defaults.create_ddp_model = functools.partial(original, **arguments)
     try:
         yield
     finally:
@@ -70,6 +79,26 @@ def log_input_errors_in_one_line(record):
         record.msg, record.args = f"{record.msg} {type(error).__name__}: {' '.join(one_line(error).split())}", ()
         record.exc_info = record.exc_text = None
     return True
+
+
+@contextlib.contextmanager
+def training_errors_in_one_line(trainer, output_dir, remedy):
+    """While detectron2's training loop runs ``trainer``: bad input is logged as one line, and a NaN/Inf loss
+    (detectron2's FloatingPointError) becomes an InputError naming the iteration, the kept checkpoints and
+    ``remedy`` (the config keys to change)."""
+    train_loop_logger = logging.getLogger(TrainerBase.__module__)
+    train_loop_logger.addFilter(log_input_errors_in_one_line)
+    try:
+        yield
+    except FloatingPointError as err:
+        # detectron2's message spans lines (it prints the loss dict); keep the offender on one line
+        detail = " ".join(str(err).split())
+        raise InputError(
+            f"training diverged (NaN/Inf) at iteration {trainer.iter}: {detail} Checkpoints already in "
+            f"{output_dir} are kept ({remedy})"
+        ) from None
+    finally:
+        train_loop_logger.removeFilter(log_input_errors_in_one_line)
 
 
 class GNTrainer(DefaultTrainer):
@@ -98,19 +127,9 @@ class GNTrainer(DefaultTrainer):
         return hooks
 
     def train(self):
-        train_loop_logger = logging.getLogger(TrainerBase.__module__)
-        train_loop_logger.addFilter(log_input_errors_in_one_line)
-        try:
+        with training_errors_in_one_line(self, self.cfg.OUTPUT_DIR,
+                                         "lower SOLVER.BASE_LR or enable SOLVER.CLIP_GRADIENTS"):
             return super().train()
-        except FloatingPointError as err:
-            # detectron2's message spans lines (it prints the loss dict); keep the offender on one line
-            detail = " ".join(str(err).split())
-            raise InputError(
-                f"training diverged (NaN/Inf) at iteration {self.iter}: {detail} Checkpoints already in "
-                f"{self.cfg.OUTPUT_DIR} are kept (lower SOLVER.BASE_LR or enable SOLVER.CLIP_GRADIENTS)"
-            ) from None
-        finally:
-            train_loop_logger.removeFilter(log_input_errors_in_one_line)
 
     @classmethod
     def build_train_loader(cls, cfg):

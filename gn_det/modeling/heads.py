@@ -39,6 +39,7 @@ class _ConfiguredNormHead:
         ret = super().from_config(with_norm_factories(cfg), input_shape)
         ret["gn_cfg"] = cfg
         ret["cpu_fast_path"] = cpu_fast_path(cfg)
+        ret["inference_chunk_bytes"] = INFERENCE_CHUNK_BYTES if ret["cpu_fast_path"] else 0
         return ret
 
     @configurable
@@ -47,7 +48,6 @@ class _ConfiguredNormHead:
         finish_norm_sites(self, gn_cfg, self.site)
         if cpu_fast_path:
             use_cpu_inplace_relus(self)
-            self.inference_chunk_bytes = INFERENCE_CHUNK_BYTES
 
 
 @ROI_BOX_HEAD_REGISTRY.register()
@@ -115,11 +115,6 @@ class GNRes5ROIHeads(RoIChunkedInference, Res5ROIHeads):
             with_cpu_pooler_and_predictor(ret, "pooler", cfg, res5_shape)
             ret["inference_chunk_bytes"] = INFERENCE_CHUNK_BYTES
         return ret
-
-    @configurable
-    def __init__(self, *, inference_chunk_bytes=0, **kwargs):
-        super().__init__(**kwargs)
-        self.inference_chunk_bytes = inference_chunk_bytes
 
     def _shared_roi_transform(self, features, boxes):
         # detectron2's (pool, then res5), with res5 run in chunks of RoIs
