@@ -94,7 +94,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_shapes_runs, tmp_path):
     out = tmp_path / "pictures"
     cases = [
         (dict(run_dirs=[str(no_predictions)]), "no inference/vis_val/instances_predictions.pth and no --weights"),
-        (dict(run_dirs=[tiny_shapes_runs["gn"]], dataset="no_such_dataset"), "'no_such_dataset' is not a registered"),
+        (dict(run_dirs=[tiny_shapes_runs["gn"]], dataset="no_such_dataset"),
+         "names dataset 'no_such_dataset', which is not registered"),
         (dict(run_dirs=[tiny_shapes_runs["gn"]], weights="x.pth", dataset="vis_val", labels=["a", "b"]),
          "2 labels"),
         (dict(run_dirs=[str(tmp_path / "missing")], dataset="vis_val"), "missing: not a folder"),
@@ -111,5 +112,6 @@ def test_tool_prints_one_line_for_bad_input(tiny_shapes_runs, tmp_path):
                            "--dataset", "no_such_dataset", "--out", str(tmp_path / "pictures")],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert proc.stderr.strip().splitlines()[-1].startswith("visualize.py: error: --dataset: 'no_such_dataset'")
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "visualize.py: error: command line: --dataset names dataset 'no_such_dataset', which is not registered")
     assert not (tmp_path / "pictures").exists()

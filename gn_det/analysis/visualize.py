@@ -46,13 +46,6 @@ def run_dataset(run_dir):
     return cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None
 
 
-def check_dataset(name):
-    """``name`` must be registered with detectron2."""
-    if name not in DatasetCatalog.list():
-        raise InputError(f"--dataset: {name!r} is not a registered dataset (gn-det registers shapes_train and "
-                         "shapes_val; a run's DATASETS.REGISTER registers its own)")
-
-
 def evaluate_run(dataset, config_file, weights, out_dir):
     """Evaluate ``weights`` on ``dataset`` like ``train_net.py --eval-only`` with ``OUTPUT_DIR`` ``out_dir``
     (so ``out_dir`` becomes a run folder with results.json and the saved predictions); returns ``out_dir``."""
@@ -215,7 +208,10 @@ def visualize_runs(run_dirs, out_dir, labels=None, dataset=None, num_images=4, s
     dataset = dataset or run_datasets[0]
     if dataset is None:
         raise InputError(f"{run_dirs[0]}: no config.yaml naming DATASETS.TEST; give --dataset")
-    check_dataset(dataset)
+    from gn_det.engine.setup import check_dataset
+
+    check_dataset(dataset, "--dataset", "command line",
+                  register_hint="a run's DATASETS.REGISTER; gn-det registers shapes_train and shapes_val")
     labels = run_labels(run_dirs, labels)
     runs, to_evaluate = plan_runs(run_dirs, labels, dataset, weights, config_file, out_dir)
     records = DatasetCatalog.get(dataset)
