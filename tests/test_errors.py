@@ -257,3 +257,14 @@ def test_batch_must_split_evenly_over_the_processes(batch, world_size, ok):
         with pytest.raises(InputError, match=rf"^my\.yaml: SOLVER\.IMS_PER_BATCH={batch} must be a positive "
                                              rf"multiple of the number of processes \({world_size}\)$"):
             check_run_settings(cfg, "my.yaml", world_size, training=True)
+
+
+def test_evaluation_checks_only_the_test_datasets():
+    from gn_det.config import get_gn_cfg
+    from gn_det.engine.setup import check_datasets
+    from gn_det.errors import InputError
+
+    cfg = get_gn_cfg(GN_SHAPES, ["DATASETS.TRAIN", "('unregistered_train',)", "DATASETS.TEST", "()"])
+    check_datasets(cfg, "my.yaml", training=False)
+    with pytest.raises(InputError, match=r"^my\.yaml: DATASETS\.TRAIN names dataset 'unregistered_train'"):
+        check_datasets(cfg, "my.yaml", training=True)

@@ -300,3 +300,23 @@ def test_a_diverging_lazy_run_ends_in_one_line_naming_the_iteration(tmp_path, ti
     line = proc.stderr.strip().splitlines()[-1]
     assert re.match(r"train_net\.py: error: training diverged \(NaN/Inf\) at iteration \d+: .*lower optimizer\.lr",
                     line), line
+
+
+def test_lazy_run_checks_the_datasets_it_reads(tiny_lazy_shapes):
+    from gn_det.data import register_datasets
+    from gn_det.engine.lazy_train import check_lazy_config
+
+    register_datasets([spec.partition("=")[2] for spec in tiny_lazy_shapes])  # "--dataset=NAME=..." -> "NAME=..."
+    cfg = LazyConfig.load(SHAPES_PY)
+    cfg.dataloader.train.dataset.names = "tiny_lazy_train"
+    cfg.dataloader.test.dataset.names = "unregistered_val"
+    with pytest.raises(InputError, match=r"^my\.py: dataloader\.test\.dataset\.names names dataset 'unregistered_val'"):
+        check_lazy_config(cfg, "my.py", eval_only=False)  # do_test evaluates it after training
+    del cfg.dataloader.evaluator
+    check_lazy_config(cfg, "my.py", eval_only=False)  # no evaluator: the test set is never read
+    cfg = LazyConfig.load(SHAPES_PY)
+    cfg.dataloader.train.dataset.names = "unregistered_train"
+    cfg.dataloader.test.dataset.names = "tiny_lazy_val"
+    check_lazy_config(cfg, "my.py", eval_only=True)  # an evaluation reads no training set
+    with pytest.raises(InputError, match="names dataset 'unregistered_train'"):
+        check_lazy_config(cfg, "my.py", eval_only=False)

@@ -66,13 +66,18 @@ def load_lazy_config(path, overrides=()):
 
 
 def check_lazy_config(cfg, source, eval_only):
-    """Raise one InputError line naming the first key the run needs that ``cfg`` lacks, or a dataset that is
-    unknown or whose files are gone (:func:`gn_det.engine.setup.check_dataset`)."""
+    """Raise one InputError line naming the first key the run needs that ``cfg`` lacks, or a dataset the run
+    reads that is unknown or whose files are gone (:func:`gn_det.engine.setup.check_dataset`)."""
     needed = REQUIRED_KEYS + (("dataloader.test", "dataloader.evaluator") if eval_only else TRAIN_KEYS)
     for key in needed:
         if OmegaConf.select(cfg, key, default=None) is None:
             raise InputError(f"{source}: no {key} (see detectron2's configs/common for the layout)")
-    for split in ("train", "test"):
+    # the datasets the run reads: the training set unless --eval-only, the test set in an evaluation
+    # (--eval-only, or do_test's, which needs dataloader.evaluator)
+    splits = [] if eval_only else ["train"]
+    if eval_only or OmegaConf.select(cfg, "dataloader.evaluator", default=None) is not None:
+        splits.append("test")
+    for split in splits:
         names = OmegaConf.select(cfg, f"dataloader.{split}.dataset.names", default=None)
         for name in [names] if isinstance(names, str) else (names or []):
             check_dataset(name, f"dataloader.{split}.dataset.names", source,

@@ -84,9 +84,10 @@ def check_dataset(name, key, source, register_hint="--dataset NAME=JSON,IMAGE_DI
             )
 
 
-def check_datasets(cfg, source):
-    """:func:`check_dataset` for every dataset of ``DATASETS.TRAIN`` and ``DATASETS.TEST``."""
-    for key in ("DATASETS.TRAIN", "DATASETS.TEST"):
+def check_datasets(cfg, source, training=True):
+    """:func:`check_dataset` for every dataset the run reads: ``DATASETS.TEST`` (evaluated after training too),
+    and ``DATASETS.TRAIN`` when ``training``."""
+    for key in ("DATASETS.TRAIN", "DATASETS.TEST") if training else ("DATASETS.TEST",):
         for name in cfg.DATASETS[key.split(".")[1]]:
             check_dataset(name, key, source)
 
@@ -155,7 +156,7 @@ def setup(args, check_model=None):
         cfg.MODEL.DEVICE = "cpu"
     check_run_settings(cfg, source, comm.get_world_size(), training=not args.eval_only)
     register_datasets(cfg.DATASETS.REGISTER)
-    check_datasets(cfg, source)
+    check_datasets(cfg, source, training=not args.eval_only)
     scale_schedule_linearly(cfg)
     cfg.freeze()
     check_model_and_weights(cfg, args.resume, check_model)
