@@ -25,6 +25,7 @@ from detectron2.utils.visualizer import Visualizer
 
 from gn_det.config import get_gn_cfg
 from gn_det.data import register_datasets  # importing gn_det.data registers shapes_train / shapes_val
+from gn_det.engine.setup import available_device
 from gn_det.errors import InputError
 from gn_det.fileio import write_json_atomically
 
@@ -67,16 +68,11 @@ def check_model_files(config_file, weights):
         raise InputError(f"--weights: {weights} is not a file")
 
 
-def default_device(device):
-    """``device``, or CPU where CUDA is asked for and there is none."""
-    return "cpu" if str(device).startswith("cuda") and not torch.cuda.is_available() else device
-
-
 def yaml_config(config_file, weights, opts=(), device=None):
     """The checked, frozen gn-det config of a YAML file with ``weights`` and ``KEY VALUE`` overrides."""
     check_model_files(config_file, weights)
     cfg = get_gn_cfg(config_file, list(opts) + ["MODEL.WEIGHTS", weights])
-    cfg.MODEL.DEVICE = default_device(device or cfg.MODEL.DEVICE)
+    cfg.MODEL.DEVICE = available_device(device or cfg.MODEL.DEVICE)
     cfg.freeze()
     return cfg
 
@@ -115,7 +111,7 @@ def _lazy_predictor(config_file, weights, opts, device):
     if "model" not in cfg:
         raise InputError(f"{config_file}: a Python config needs a 'model' to predict with")
     model = instantiate(cfg.model)
-    model.to(default_device(device or cfg.get("train", {}).get("device", "cpu")))
+    model.to(available_device(device or cfg.get("train", {}).get("device", "cpu")))
     DetectionCheckpointer(model).load(weights)
     test_loader = cfg.get("dataloader", {}).get("test", {})
     augmentations = test_loader.get("mapper", {}).get("augmentations")

@@ -16,8 +16,6 @@ detectron2's package API. The config is read the same way: ``model``, ``dataload
 import logging
 import os
 
-import torch
-
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, default_writers, hooks
@@ -33,7 +31,7 @@ from gn_det.errors import InputError
 from gn_det.lazy import label_group_norm_sites
 from gn_det.solver import param_group_table
 
-from .setup import check_dataset, read_checkpoint, weights_to_load
+from .setup import available_device, check_dataset, read_checkpoint, weights_to_load
 from .trainer import PeakMemoryHook, ddp_device_arguments, training_errors_in_one_line, write_results
 
 logger = logging.getLogger(__name__)
@@ -87,7 +85,7 @@ def check_lazy_config(cfg, source, eval_only):
 def use_available_device(cfg):
     """``train.device`` cuda without a CUDA device becomes cpu, and fp16 AMP (CUDA only) is switched off.
     Returns what changed, for the log."""
-    if not (str(cfg.train.device).startswith("cuda") and not torch.cuda.is_available()):
+    if available_device(cfg.train.device) == cfg.train.device:
         return ""
     cfg.train.device = "cpu"
     if OmegaConf.select(cfg, "train.amp.enabled", default=False):

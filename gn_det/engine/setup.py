@@ -42,6 +42,11 @@ def argument_parser():
     return parser
 
 
+def available_device(device):
+    """``device``, or "cpu" where it names CUDA and there is no CUDA device (the tools then run on CPU)."""
+    return "cpu" if str(device).startswith("cuda") and not torch.cuda.is_available() else device
+
+
 def check_run_settings(cfg, source, world_size, training):
     """Settings that depend on the device and the number of processes: AMP and SyncBN need CUDA, and the
     batch splits evenly over the processes."""
@@ -151,7 +156,7 @@ def setup(args, check_model=None):
     cfg = get_gn_cfg(args.config_file, args.opts)
     # what the command line registered goes into the config too, so the dumped config.yaml is complete
     cfg.DATASETS.REGISTER = list(cfg.DATASETS.REGISTER) + [s for s in args.dataset if s not in cfg.DATASETS.REGISTER]
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+    if available_device(cfg.MODEL.DEVICE) != cfg.MODEL.DEVICE:
         logger.info("No CUDA device: running on CPU")
         cfg.MODEL.DEVICE = "cpu"
     check_run_settings(cfg, source, comm.get_world_size(), training=not args.eval_only)
