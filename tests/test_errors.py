@@ -211,6 +211,7 @@ def test_other_tools_end_bad_input_in_one_line(tmp_path):
         ("pretrain_classifier.py", ["--norm", "GN", "--out", str(weights / "gn.pth"), "--iters", "0",
                                     "--data", str(tmp_path / "pretrain_data")], ["iters=0"]),
         ("benchmark.py", ["--config", "MODEL.GN.NUM_GROUP", "8"], ["MODEL.GN.NUM_GROUP"]),
+        ("benchmark.py", ["--variants", "d2_gn_amp", "--device", "cpu"], ["d2_gn_amp", "needs --device cuda"]),
     ]
     for tool, args, expected in cases:
         line = one_line_error(run_tool(tool, *args), tool)

@@ -6,11 +6,11 @@
 
 Each variant runs in its own subprocess; see gn_det/analysis/benchmark.py for what is measured and how.
 """
+import os
 import sys
 
-import os
-
-from gn_det.analysis.benchmark import build_parser, chosen_variants, markdown_table, run_benchmark, variant_cfg
+from gn_det.analysis.benchmark import (VARIANTS, build_parser, chosen_variants, markdown_table, run_benchmark,
+                                       variant_cfg)
 from gn_det.errors import exit_on_input_error
 from gn_det.fileio import write_json_atomically
 
@@ -23,6 +23,8 @@ def main(argv):
     if args.baseline_source and not os.path.isdir(os.path.join(args.baseline_source, "gn_det")):
         parser.error(f"--baseline-source {args.baseline_source}: no gn_det/ package there")
     for name in chosen_variants(args):  # a bad --config KEY VALUE stops here, before any variant runs
+        if VARIANTS[name].get("cuda") and not args.device.startswith("cuda"):
+            parser.error(f"variant {name} (detectron2's AMPTrainer, fp16) needs --device cuda")
         variant_cfg(name, args)
     print(f"benchmark: {chosen_variants(args)} at {args.size}px, {args.images} images, warmup {args.warmup}, "
           f"repeats {args.repeats}, rounds {args.rounds}, device {args.device}, threads {args.threads or 'default'}",
