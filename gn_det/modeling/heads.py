@@ -171,9 +171,6 @@ class GNRetinaNet(PrecisionLayoutMixin, RetinaNet):
         return ret
 
 
-
-
-
 def builds_cpu_fast_path(roi_heads):
     """Whether the registered ROI heads named ``roi_heads`` build the CPU fast path: gn-det's ROI heads and
     every subclass of them."""

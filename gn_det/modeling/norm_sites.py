@@ -6,7 +6,7 @@ builders unchanged (ResNet stages, FPN, box/mask/RetinaNet heads) with a configu
 """
 from gn_det.config import NORM_SITE_KEYS, check_gn_config
 from gn_det.cpu import NCHWCopyGroupNorm, cpu_fast_path
-from gn_det.layers import GroupNorm, check_norm_sites, use_ws_convs, norm_factory
+from gn_det.layers import GroupNorm, check_norm_sites, norm_factory, use_ws_convs
 
 
 def with_norm_factories(cfg):
