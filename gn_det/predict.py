@@ -15,7 +15,6 @@ from PIL import Image
 from tqdm import tqdm
 
 import detectron2.data.transforms as T
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image
@@ -23,6 +22,7 @@ from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.modeling import build_model
 from detectron2.utils.visualizer import Visualizer
 
+from gn_det.checkpoint.reader import GNCheckpointer
 from gn_det.config import get_gn_cfg
 from gn_det.data import register_datasets  # importing gn_det.data registers shapes_train / shapes_val
 from gn_det.engine.setup import available_device
@@ -80,7 +80,7 @@ def yaml_config(config_file, weights, opts=(), device=None):
 def model_from_config(cfg):
     """The model of a YAML config, with ``MODEL.WEIGHTS`` loaded, in eval mode."""
     model = build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    GNCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     return model.eval()
 
 
@@ -112,7 +112,7 @@ def _lazy_predictor(config_file, weights, opts, device):
         raise InputError(f"{config_file}: a Python config needs a 'model' to predict with")
     model = instantiate(cfg.model)
     model.to(available_device(device or cfg.get("train", {}).get("device", "cpu")))
-    DetectionCheckpointer(model).load(weights)
+    GNCheckpointer(model).load(weights)
     test_loader = cfg.get("dataloader", {}).get("test", {})
     augmentations = test_loader.get("mapper", {}).get("augmentations")
     # detectron2's default test resize (LazyConfig common/data/coco.py) when the config names none

@@ -48,7 +48,7 @@ def test_two_machines_train_to_identical_weights_and_rank_0_alone_writes_checkpo
 
     rank0 = torch.load(tmp_path / "weights.0.pth")
     rank1 = torch.load(tmp_path / "weights.1.pth")
-    final = torch.load(machine0 / "model_final.pth", weights_only=False)
+    final = torch.load(machine0 / "model_final.pth", weights_only=True)
     assert final["iteration"] == 2
     assert rank0.keys() == rank1.keys() == final["model"].keys()
     for name in rank0:

@@ -116,7 +116,7 @@ def test_paper_protocol_chain_at_tiny_size(tmp_path, tiny_root):
         # FREEZE_AT 2: the stem is exactly the pretrained one after fine-tuning, which proves it was loaded
         with open(weights / f"{name}.pkl", "rb") as f:
             pretrained_stem = pickle.load(f)["model"]["stem.conv1.weight"]
-        final = torch.load(run_dir / "model_final.pth", map_location="cpu", weights_only=False)["model"]
+        final = torch.load(run_dir / "model_final.pth", map_location="cpu", weights_only=True)["model"]
         np.testing.assert_array_equal(final["backbone.bottom_up.stem.conv1.weight"].numpy(), pretrained_stem)
     table = (out / "comparison.md").read_text()
     assert "GN, pretrained GN" in table and "BN*, pretrained BN" in table and "Pretraining" in table

@@ -94,7 +94,7 @@ def test_resume_after_sigkill_continues_from_last_checkpoint(tmp_path, tiny_shap
     assert "Loading trainer from" in log  # the trainer's state holds optimizer, scheduler and hooks
     import torch
 
-    final = torch.load(out / "model_final.pth", weights_only=False)
+    final = torch.load(out / "model_final.pth", weights_only=True)
     assert final["iteration"] == resumed_from + 1 and final["trainer"]["_trainer"]["optimizer"]["state"]
 
 

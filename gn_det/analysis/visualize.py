@@ -46,18 +46,25 @@ def run_dataset(run_dir):
     return cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None
 
 
-def evaluate_run(dataset, config_file, weights, out_dir):
-    """Evaluate ``weights`` on ``dataset`` like ``train_net.py --eval-only`` with ``OUTPUT_DIR`` ``out_dir``
-    (so ``out_dir`` becomes a run folder with results.json and the saved predictions); returns ``out_dir``."""
-    from gn_det.engine import GNTrainer
+def load_run_model(dataset, config_file, weights, out_dir):
+    """(config, model) to evaluate ``weights`` on ``dataset`` like ``train_net.py --eval-only`` with
+    ``OUTPUT_DIR`` ``out_dir``; the weights are read (and checked) here, before anything is written."""
     from gn_det.predict import model_from_config, yaml_config
 
     cfg = yaml_config(config_file, weights, ["OUTPUT_DIR", out_dir])
     cfg.defrost()
     cfg.DATASETS.TEST = (dataset,)
     cfg.freeze()
-    GNTrainer.test(cfg, model_from_config(cfg))
-    return out_dir
+    return cfg, model_from_config(cfg)
+
+
+def evaluate_run(cfg, model):
+    """Evaluate ``model`` (:func:`load_run_model`), so its ``OUTPUT_DIR`` becomes a run folder with
+    results.json and the saved predictions; returns that folder."""
+    from gn_det.engine import GNTrainer
+
+    GNTrainer.test(cfg, model)
+    return cfg.OUTPUT_DIR
 
 
 def load_predictions(run_dir, dataset):
@@ -217,9 +224,10 @@ def visualize_runs(run_dirs, out_dir, labels=None, dataset=None, num_images=4, s
     records = DatasetCatalog.get(dataset)
     metadata = MetadataCatalog.get(dataset)
 
+    loaded = {run_dir: load_run_model(dataset, *plan) for run_dir, plan in to_evaluate.items()}
     os.makedirs(out_dir, exist_ok=True)
-    for run_dir, (run_config, run_weights, eval_dir) in to_evaluate.items():
-        runs[run_dir] = Run(evaluate_run(dataset, run_config, run_weights, eval_dir), labels[run_dirs.index(run_dir)])
+    for run_dir, (cfg, model) in loaded.items():
+        runs[run_dir] = Run(evaluate_run(cfg, model), labels[run_dirs.index(run_dir)])
     runs = [runs[d] for d in run_dirs]
     predictions = [load_predictions(run.output_dir, dataset) for run in runs]
     chosen = choose_images(records, predictions, num_images, selection, score_threshold)

@@ -12,7 +12,6 @@ A ``"gn_det"`` entry records what the weights expect of the model's input and Re
 :func:`check_weights_for_model` checks a model and config against it.
 """
 import dataclasses
-import io
 import logging
 import os
 import pickle
@@ -22,12 +21,12 @@ from typing import Dict, List
 
 import numpy as np
 import torch
-from safetensors.torch import load as load_safetensors
 
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 from detectron2.layers import ShapeSpec
 from detectron2.utils.file_io import PathManager
 
+from gn_det.checkpoint.reader import read_checkpoint, read_weights
 from gn_det.config import get_gn_cfg
 from gn_det.errors import InputError
 from gn_det.modeling.backbone import build_gn_resnet_backbone
@@ -101,21 +100,7 @@ def load_source_state_dict(path):
     A dict that wraps the state dict under ``"state_dict"`` or ``"model"`` (training checkpoints) is
     unwrapped, and a DistributedDataParallel ``module.`` prefix is removed.
     """
-    if not PathManager.isfile(path):
-        raise InputError(f"{path}: the weights file does not exist")
-    with PathManager.open(path, "rb") as f:
-        data = f.read()
-    if path.endswith(".safetensors"):
-        state_dict = load_safetensors(data)
-    else:
-        try:
-            # weights_only: a state dict needs no arbitrary unpickling, and a downloaded file must not run code.
-            state_dict = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            raise WeightsMismatchError(
-                f"{path}: holds objects other than tensors (torch.load with weights_only=True refused it); "
-                f"save model.state_dict() instead"
-            ) from None
+    state_dict = read_weights(path)
     for wrapper in ("state_dict", "model"):
         if isinstance(state_dict, dict) and isinstance(state_dict.get(wrapper), dict):
             state_dict = state_dict[wrapper]
@@ -326,8 +311,7 @@ def save_converted(converted, path):
 
 def load_converted(path):
     """The checkpoint dict of a ``.pkl`` written by :func:`save_converted`."""
-    with PathManager.open(path, "rb") as f:
-        return pickle.load(f, encoding="latin1")
+    return read_checkpoint(path)
 
 
 def convert_weights(input_path, output_path, source="auto", norm="auto", depth=None):

@@ -16,7 +16,6 @@ detectron2's package API. The config is read the same way: ``model``, ``dataload
 import logging
 import os
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, default_writers, hooks
 from detectron2.engine.defaults import create_ddp_model
@@ -26,6 +25,7 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 from omegaconf import OmegaConf
 
+from gn_det.checkpoint.reader import GNCheckpointer
 from gn_det.data import register_datasets
 from gn_det.errors import InputError
 from gn_det.lazy import label_group_norm_sites
@@ -134,7 +134,7 @@ def do_train(args, cfg, model):
 
     model = create_ddp_model(model, **ddp_arguments(cfg))
     trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optimizer)
-    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    checkpointer = GNCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     main = comm.is_main_process()
     trainer.register_hooks([
         hooks.IterationTimer(),
@@ -174,7 +174,7 @@ def train_or_evaluate_lazy(args):
         logger.info(device_change)
     logger.info("Model:\n%s", model)
     if args.eval_only:
-        DetectionCheckpointer(model, save_dir=cfg.train.output_dir).resume_or_load(
+        GNCheckpointer(model, save_dir=cfg.train.output_dir).resume_or_load(
             cfg.train.init_checkpoint, resume=args.resume
         )
         return do_test(cfg, create_ddp_model(model, **ddp_arguments(cfg)))

@@ -6,13 +6,10 @@ processes, the datasets, the model (every layer's channels against the group set
 failed check is an :class:`~gn_det.errors.InputError` and leaves an earlier run's ``OUTPUT_DIR`` as it was.
 """
 import logging
-import os
-import pickle
 from urllib.parse import urlparse
 
 import torch
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.modeling import build_model
@@ -22,6 +19,8 @@ from detectron2.utils.logger import setup_logger
 
 from gn_det.checkpoint import check_weights_for_model
 from gn_det.checkpoint.convert import AUTHOR as CONVERTER_AUTHOR
+from gn_det.checkpoint.reader import GNCheckpointer
+from gn_det.checkpoint.reader import read_checkpoint as read_weights_checkpoint
 from gn_det.config import NORM_SITE_KEYS, get_gn_cfg, select
 from gn_det.data import SHAPES_SPLITS, ensure_shapes, register_datasets
 from gn_det.errors import InputError
@@ -101,30 +100,17 @@ def weights_to_load(output_dir, weights, resume, weights_key="MODEL.WEIGHTS"):
     """(what, path) of the file training or evaluation loads first: with ``resume``, the checkpoint that
     ``output_dir/last_checkpoint`` names, when there is one; else ``weights`` (None when empty), called by its
     config key ``weights_key``."""
-    checkpointer = DetectionCheckpointer(None, save_dir=output_dir)
+    checkpointer = GNCheckpointer(None, save_dir=output_dir)
     if resume and checkpointer.has_checkpoint():
         return "the last checkpoint", checkpointer.get_checkpoint_file()
     return weights_key, weights or None
 
 
 def read_checkpoint(path, what):
-    """The checkpoint dict at ``path`` (a path or a URL detectron2 resolves), read as DetectionCheckpointer reads
-    it (a ``.pkl`` is a pickle, anything else a ``torch.save`` file); an InputError naming the file when it is
-    missing or not a checkpoint (truncated, not a pickle)."""
-    local = PathManager.get_local_path(urlparse(path)._replace(query="").geturl())  # downloads a URL
-    if not os.path.isfile(local):
-        raise InputError(f"{what} {path} does not exist")
-    try:
-        if local.endswith(".pkl"):
-            with open(local, "rb") as f:
-                checkpoint = pickle.load(f, encoding="latin1")
-        else:
-            checkpoint = torch.load(local, map_location="cpu", weights_only=False)
-    except (pickle.UnpicklingError, EOFError, RuntimeError) as err:  # torch: RuntimeError for a bad zip archive
-        raise InputError(f"{what} {path} is not a readable checkpoint ({' '.join(str(err).split())})") from None
-    if not isinstance(checkpoint, dict):
-        raise InputError(f"{what} {path} holds a {type(checkpoint).__name__}, not a checkpoint")
-    return checkpoint
+    """The checkpoint dict at ``path`` (a path or a URL detectron2 resolves), read as GNCheckpointer reads it
+    (nothing in it runs: :mod:`gn_det.checkpoint.reader`); an InputError naming the file when it is missing or
+    not a checkpoint."""
+    return read_weights_checkpoint(urlparse(path)._replace(query="").geturl(), what)
 
 
 def check_model_and_weights(cfg, resume, check_model=None):
@@ -178,7 +164,7 @@ def train_or_evaluate(args, make_trainer=GNTrainer, check_model=None):
     cfg = setup(args, check_model)
     if args.eval_only:
         model = GNTrainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        GNCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         return GNTrainer.test(cfg, model)
     trainer = make_trainer(cfg)
     trainer.resume_or_load(resume=args.resume)

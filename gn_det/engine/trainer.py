@@ -5,6 +5,7 @@ import functools
 import logging
 import os
 import resource
+import weakref
 
 import torch
 
@@ -15,6 +16,7 @@ from detectron2.engine.train_loop import TrainerBase
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 
+from gn_det.checkpoint.reader import GNCheckpointer
 from gn_det.data import CheckedDatasetMapper
 from gn_det.errors import InputError, one_line
 from gn_det.fileio import write_json_atomically
@@ -120,6 +122,8 @@ class GNTrainer(DefaultTrainer):
             cfg.freeze()
         with ddp_for_device(cfg.MODEL.DEVICE):
             super().__init__(cfg)
+        # resume_or_load reads through gn-det's checkpointer: nothing in a weights file runs
+        self.checkpointer = GNCheckpointer(self.checkpointer.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
 
     def build_hooks(self):
         hooks = super().build_hooks()

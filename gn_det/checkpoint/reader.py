@@ -1,0 +1,148 @@
+"""The one checked reader of weights files: nothing in a weights file runs when it is read.
+
+Loading a checkpoint is the one place where a user's file could execute code, through unpickling. Every read
+of weights in gn-det goes through :func:`read_weights`:
+
+- ``.pkl`` (Detectron/Caffe2 weights, detectron2 model-zoo and gn-det-converted checkpoints) through
+  :class:`WeightsUnpickler`, which builds only what weight files hold: numpy arrays and dtypes, numbers,
+  strings, lists, tuples and dicts;
+- ``.safetensors`` through ``safetensors`` (no pickle at all);
+- anything else (``.pth``, ``.pt``, ``.pyth``) through ``torch.load(weights_only=True)``, torch's own
+  restricted unpickler, which admits tensors, containers and primitive values.
+
+A file that is missing, empty, truncated, not a weights file, or that names any other type, is one
+:class:`gn_det.InputError` naming the file (and the type it tried to load); nothing of it runs.
+:class:`GNCheckpointer` is detectron2's ``DetectionCheckpointer`` reading through it.
+"""
+import io
+import logging
+import os
+import pickle
+import zipfile
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.utils.file_io import PathManager
+
+from gn_det.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+# (module, name) of every global a weights pickle may name. numpy arrays pickle as
+# numpy.core.multiarray._reconstruct(numpy.ndarray, shape, dtype) + setstate; numpy 2 writes numpy._core.
+# At protocol 5 numpy writes numpy._core.numeric._frombuffer(buffer, dtype, shape, order).
+# Python 3 writes bytes at protocol 2 as _codecs.encode(str, "latin1"), a pure data transform.
+_NUMPY_MODULES = ("numpy.core.multiarray", "numpy._core.multiarray")
+ALLOWED_GLOBALS = frozenset(
+    [(module, name) for module in _NUMPY_MODULES for name in ("_reconstruct", "scalar")]
+    + [(module, "_frombuffer") for module in ("numpy.core.numeric", "numpy._core.numeric")]
+    + [("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict"), ("_codecs", "encode")]
+)
+
+
+class UnsafeGlobal(pickle.UnpicklingError):
+    """A pickle that names a global outside :data:`ALLOWED_GLOBALS`."""
+
+
+class WeightsUnpickler(pickle.Unpickler):
+    """A pickle reader that builds only the types weight files hold (:data:`ALLOWED_GLOBALS`, plus the
+    primitive values and containers pickle builds without naming a global)."""
+
+    def find_class(self, module, name):
+        if (module, name) in ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        raise UnsafeGlobal(f"{module}.{name}")
+
+    def persistent_load(self, pid):
+        raise UnsafeGlobal(f"a persistent object {pid!r}")
+
+
+def _one_line(err):
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def read_weights(path, what="weights file"):
+    """The object stored in the weights file ``path`` (a path or a URL detectron2's PathManager resolves),
+    read without running any of its code; an InputError naming ``what`` and the file otherwise."""
+    local = PathManager.get_local_path(path)
+    if os.path.isdir(local):
+        raise InputError(f"{what} {path} is a folder, not a weights file")
+    if not os.path.isfile(local):
+        raise InputError(f"{what} {path} does not exist")
+    try:
+        with open(local, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise InputError(f"{what} {path} cannot be read ({err.strerror})") from None
+    if not data:
+        raise InputError(f"{what} {path} is empty")
+    try:
+        if local.endswith(".pkl"):
+            return WeightsUnpickler(io.BytesIO(data), encoding="latin1").load()
+        if local.endswith(".safetensors"):
+            try:
+                return load_safetensors(data)
+            except SafetensorError as err:  # its header parser's one error type
+                raise ValueError(str(err)) from None
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except UnsafeGlobal as err:
+        raise InputError(
+            f"{what} {path} is refused: it would load {err}, which is not weights (only tensors, numpy arrays, "
+            "numbers, strings and containers are read)"
+        ) from None
+    except pickle.UnpicklingError as err:
+        # torch's weights_only unpickler names the refused global in a long message
+        message = _one_line(err)
+        if "weights_only" in message or "Unsupported global" in message:
+            refused = message.split("Unsupported global: GLOBAL ")[-1].split(" ")[0] if "GLOBAL " in message else ""
+            raise InputError(
+                f"{what} {path} is refused: it would load {refused or 'an object'}, which is not weights "
+                "(torch.load with weights_only=True)"
+            ) from None
+        raise InputError(f"{what} {path} is not a readable checkpoint ({message[:200]})") from None
+    except (EOFError, ValueError, RuntimeError, zipfile.BadZipFile, UnicodeDecodeError, IndexError, KeyError,
+            TypeError, AttributeError, ImportError, OverflowError, MemoryError) as err:
+        # what a truncated or foreign file raises from pickle, torch's zip reader or safetensors' header parser
+        raise InputError(f"{what} {path} is not a readable checkpoint ({_one_line(err)[:200]})") from None
+
+
+def read_checkpoint(path, what="weights file"):
+    """:func:`read_weights` for a file that must hold a dict (a checkpoint or a state dict)."""
+    checkpoint = read_weights(path, what)
+    if not isinstance(checkpoint, dict):
+        raise InputError(f"{what} {path} holds a {type(checkpoint).__name__}, not a checkpoint")
+    return checkpoint
+
+
+class GNCheckpointer(DetectionCheckpointer):
+    """detectron2's ``DetectionCheckpointer`` whose every read goes through :func:`read_checkpoint`.
+
+    Its loading, matching and saving are the parent's; only the file read differs (the parent unpickles
+    ``.pkl`` files in full).
+    """
+
+    def _load_file(self, filename):
+        if filename.endswith(".pkl"):
+            data = read_checkpoint(filename)
+            # The rest follows DetectionCheckpointer._load_file's ".pkl" branch.
+            if "model" in data and "__author__" in data:
+                self.logger.info("Reading a file from '{}'".format(data["__author__"]))
+                return data
+            if "blobs" in data:  # Detection models have "blobs", ImageNet models don't
+                data = data["blobs"]
+            data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
+            return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
+        if filename.endswith(".pyth"):
+            # follows DetectionCheckpointer._load_file's ".pyth" branch (pycls), which calls torch.load itself
+            data = read_checkpoint(filename)
+            if "model_state" not in data:
+                raise InputError(f"weights file {filename} is a .pyth file without 'model_state' (pycls's format)")
+            state = {k: v for k, v in data["model_state"].items() if not k.endswith("num_batches_tracked")}
+            return {"model": state, "__author__": "pycls", "matching_heuristics": True}
+        return super()._load_file(filename)  # torch files: read through _torch_load
+
+    def _torch_load(self, f):
+        return read_checkpoint(f)
