@@ -5,7 +5,7 @@
 """
 from .errors import InputError
 from .config import add_gn_config, get_gn_cfg
-from .layers.spec import GN, GroupNormSpec
+from .layers.norm import GN, GroupNormSpec
 from . import modeling  # noqa: F401  (registration)
 from . import lazy  # noqa: F401  (gn_det.lazy.set_norm and the other LazyConfig helpers)
 

@@ -4,17 +4,23 @@ Call ``add_gn_config(cfg)`` on a ``detectron2.config.get_cfg()`` before merging 
 does both and checks the result. Symbols in the comments are those of Wu & He, "Group Normalization",
 ECCV 2018 (Eq. 1-7 and Sec. 3-5).
 """
+import os
+
 import yaml
+from omegaconf import OmegaConf
 
 from detectron2.config import CfgNode as CN
-from detectron2.config import get_cfg
+from detectron2.config import LazyConfig, get_cfg
+from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY
 from detectron2.utils.file_io import PathManager
 
 from gn_det.errors import InputError
+from gn_det.layers.norm import NORM_NAMES, GroupNormSpec
 
 # Every config key that names the normalization of one norm site ("norm site" = a layer built by
-# detectron2 that accepts ``norm=``). gn-det's builders resolve these names through one factory
-# (gn_det.layers.norm.norm_factory), so "GN" everywhere honours MODEL.GN.*.
+# detectron2 that accepts ``norm=``). gn-det's builders turn "GN" at these keys into the GroupNormSpec of
+# MODEL.GN (gn_det.modeling.norm_sites), so "GN" everywhere honours MODEL.GN.*; other names stay detectron2's.
 NORM_SITE_KEYS = (
     "MODEL.RESNETS.NORM",
     "MODEL.FPN.NORM",
@@ -24,10 +30,6 @@ NORM_SITE_KEYS = (
     "MODEL.RETINANET.NORM",
 )
 
-# gn-det's meta-architectures: they, and any subclass of them, apply MODEL.PRECISION and MODEL.CHANNELS_LAST.
-SWITCH_AWARE_META_ARCHITECTURES = ("GNGeneralizedRCNN", "GNRetinaNet")
-# gn-det's ROI heads: they, and any subclass of them, build the CPU fast path (MODEL.CPU_FAST_PATH).
-CPU_FAST_PATH_ROI_HEADS = ("GNStandardROIHeads", "GNRes5ROIHeads")
 
 
 def add_gn_config(cfg):
@@ -49,7 +51,7 @@ def add_gn_config(cfg):
     # between GN and GN+WS models.
     cfg.MODEL.GN.WS = False
     # Norm of the RPN's shared 3x3 conv. The paper's RPN has none (""), as detectron2's; any norm name of
-    # gn_det.layers.norm.NORM_NAMES is accepted when the RPN head is "GNRPNHead".
+    # gn_det.layers.NORM_NAMES is accepted when the RPN head is "GNRPNHead".
     cfg.MODEL.RPN.NORM = ""
 
     # --- Speed (not in the paper; docs/SPEED.md). The two switches are read by gn-det's meta-architectures
@@ -61,7 +63,7 @@ def add_gn_config(cfg):
     cfg.MODEL.CHANNELS_LAST = False
     # The CPU fast path (gn_det/cpu, docs/SPEED.md): sparse-matrix ROIAlign, layout-preserving poolers,
     # top-scores-first NMS, chunked RoI-head inference, in-place ReLUs and GroupNorm of RoI maps on an NCHW copy,
-    # built into the model (needs gn-det's ROI heads, CPU_FAST_PATH_ROI_HEADS); each computes as detectron2 does
+    # built into the model (needs ROI heads that build it: gn-det's); each computes as detectron2 does
     # off the CPU. Outputs change only by float rounding and the order of exactly tied scores. It also steps SGD
     # fused for CPU parameters: that step is CPU-specific as well (faster on CPU, docs/SPEED.md; not
     # AMPTrainer-safe on CUDA) and rounds differently from detectron2's foreach step, so it stays off the defaults.
@@ -99,38 +101,86 @@ def get_gn_cfg(config_file=None, opts=()):
     try:
         cfg.merge_from_list(list(opts))
     except (KeyError, ValueError, AssertionError) as err:
-        raise InputError(f"command line: {err.args[0]}") from None
+        raise InputError(f"command line: {' '.join(str(err.args[0]).split())}") from None
     check_gn_config(cfg, source=source)
     return cfg
 
 
 def merge_config_file(cfg, config_file):
-    """``cfg.merge_from_file(config_file)`` with the errors of detectron2's and yacs's loaders (missing file
-    in the ``_BASE_`` chain, YAML syntax, unknown key, wrong type) as one-line InputErrors."""
+    """``cfg.merge_from_file(config_file)`` with every failure of the file or its ``_BASE_`` chain (missing, a
+    folder, not text, not YAML, not a mapping of keys, an unknown key, a wrong type) as one-line InputErrors.
+
+    YAML is read safely: a ``!!python/...`` tag is a YAML error here, not code that runs (detectron2's own
+    default, ``allow_unsafe=True``, would fall back to PyYAML's unsafe loader).
+    """
+    if os.path.isdir(config_file):
+        raise InputError(f"{config_file}: is a folder, not a config file")
     if not PathManager.isfile(config_file):
         raise InputError(f"{config_file}: the config file does not exist")
     try:
-        cfg.merge_from_file(config_file)
+        cfg.merge_from_file(config_file, allow_unsafe=False)
     except FileNotFoundError as err:  # a _BASE_ of the chain
         raise InputError(f"{config_file}: its _BASE_ chain names {err.filename}, which does not exist") from None
     except yaml.YAMLError as err:
         # PyYAML's message spans lines and names the file, line and column of the error
         raise InputError(f"{config_file}: not valid YAML: {' '.join(str(err).split())}") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{config_file}: not a text file (a YAML config is UTF-8 text)") from None
+    except (TypeError, AttributeError):
+        # detectron2's load_yaml_with_base tests and iterates the top level as a mapping
+        raise InputError(f"{config_file}: not a mapping of config keys (an empty file, or YAML whose top level "
+                         "is not KEY: VALUE)") from None
     except (KeyError, ValueError, AssertionError) as err:
-        raise InputError(f"{config_file}: {err.args[0]}") from None
+        raise InputError(f"{config_file}: {' '.join(str(err.args[0]).split())}") from None
+
+
+def is_lazy_config(path):
+    """Whether ``path`` is a LazyConfig (Python) file rather than a YAML config."""
+    return bool(path) and path.endswith(".py")
+
+
+def load_lazy_config(path, overrides=()):
+    """The LazyConfig (Python config) at ``path`` with ``KEY=VALUE`` ``overrides`` applied.
+
+    A missing file, a Python syntax error, an import that fails in it or a ``model_zoo`` / ``LazyConfig.load``
+    reference to a file that does not exist is an InputError naming the file (and line); an override must lie
+    under a section that exists (``train.max_iter=10`` needs ``train``; its leaf may be new, as detectron2
+    allows). Any other exception of the file's code is a bug in it and keeps its traceback.
+    """
+    if os.path.isdir(path):
+        raise InputError(f"{path}: is a folder, not a config file")
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: config file does not exist")
+    try:
+        cfg = LazyConfig.load(path)
+    except SyntaxError as err:  # detectron2 re-raises the parser's error as "Config file ... has syntax error!"
+        cause = err.__cause__ if isinstance(err.__cause__, SyntaxError) else err
+        raise InputError(f"{path}: not valid Python (line {cause.lineno}): {cause.msg}") from None
+    except ImportError as err:
+        raise InputError(f"{path}: an import fails: {' '.join(str(err).split())}") from None
+    except (FileNotFoundError, UnicodeDecodeError, ValueError) as err:  # ValueError: null bytes in the source
+        raise InputError(f"{path}: {' '.join(str(err).split())}") from None
+    except RuntimeError as err:
+        if "not available in Model Zoo" not in str(err):  # model_zoo.get_config of a file it does not ship
+            raise
+        raise InputError(f"{path}: {err}") from None
+    for override in overrides:
+        key, sep, _value = override.partition("=")
+        if not sep:
+            raise InputError(f"command line: {override!r} is not KEY=VALUE")
+        parent = key.rpartition(".")[0]
+        if parent and not OmegaConf.is_config(OmegaConf.select(cfg, parent, default=None)):
+            raise InputError(f"command line: {override}: {path} has no section {parent}")
+    return LazyConfig.apply_overrides(cfg, list(overrides))
 
 
 def check_gn_config(cfg, source="config"):
-    """Raise a one-line InputError naming the key and value of the first invalid gn-det setting."""
-    from gn_det.layers.norm import NORM_NAMES  # late import: layers import torch, config need not
-
-    gn = cfg.MODEL.GN
-    if gn.DIM_PER_GROUP <= 0 and gn.NUM_GROUPS < 1:
-        raise InputError(f"{source}: MODEL.GN.NUM_GROUPS={gn.NUM_GROUPS} must be >= 1 (or set DIM_PER_GROUP)")
-    if gn.DIM_PER_GROUP == 0 or gn.DIM_PER_GROUP < -1:
-        raise InputError(f"{source}: MODEL.GN.DIM_PER_GROUP={gn.DIM_PER_GROUP} must be -1 (off) or >= 1")
-    if not gn.EPS > 0:
-        raise InputError(f"{source}: MODEL.GN.EPS={gn.EPS} must be > 0")
+    """Raise a one-line InputError naming the first invalid gn-det setting: the group setting (checked by
+    GroupNormSpec, the one place), the speed switches against the model, the norm names."""
+    try:
+        GroupNormSpec.from_config(cfg)
+    except InputError as err:
+        raise InputError(f"{source}: {err}") from None
     check_speed_keys(cfg, source)
     for key in NORM_SITE_KEYS:
         value = select(cfg, key)
@@ -140,23 +190,37 @@ def check_gn_config(cfg, source="config"):
             )
 
 
-def check_speed_keys(cfg, source="config"):
-    """Raise a one-line InputError when a speed key is set on a model that would silently ignore it."""
-    from gn_det.modeling.heads import builds_cpu_fast_path  # late import: modeling imports this module
-    from gn_det.modeling.meta_arch import honours_switches
+def registered_with(registry, capability):
+    """The names registered in ``registry`` whose class has the class attribute ``capability`` set."""
+    return sorted(name for name, obj in registry if getattr(obj, capability, False))
 
+
+def check_speed_keys(cfg, source="config"):
+    """Raise a one-line InputError when a speed key is set on a model that would silently ignore it. What a
+    registered class honours is its class attribute (``honours_precision_switches``, ``builds_cpu_fast_path``),
+    so subclasses inherit it."""
     switched = cfg.MODEL.PRECISION != "fp32" or cfg.MODEL.CHANNELS_LAST
-    if switched and not honours_switches(cfg.MODEL.META_ARCHITECTURE):
+    meta_arch = dict(META_ARCH_REGISTRY).get(cfg.MODEL.META_ARCHITECTURE)
+    if switched and not getattr(meta_arch, "honours_precision_switches", False):
         raise InputError(
             f"{source}: MODEL.PRECISION={cfg.MODEL.PRECISION!r} / MODEL.CHANNELS_LAST={cfg.MODEL.CHANNELS_LAST} "
-            f"need a MODEL.META_ARCHITECTURE of {SWITCH_AWARE_META_ARCHITECTURES} or a subclass, not "
-            f"{cfg.MODEL.META_ARCHITECTURE!r}"
+            f"need a MODEL.META_ARCHITECTURE of {registered_with(META_ARCH_REGISTRY, 'honours_precision_switches')}"
+            f" or a subclass, not {cfg.MODEL.META_ARCHITECTURE!r}"
         )
-    if cfg.MODEL.CPU_FAST_PATH and not builds_cpu_fast_path(cfg.MODEL.ROI_HEADS.NAME):
+    roi_heads = dict(ROI_HEADS_REGISTRY).get(cfg.MODEL.ROI_HEADS.NAME)
+    if cfg.MODEL.CPU_FAST_PATH and not getattr(roi_heads, "builds_cpu_fast_path", False):
         raise InputError(
-            f"{source}: MODEL.CPU_FAST_PATH=True needs a MODEL.ROI_HEADS.NAME of {CPU_FAST_PATH_ROI_HEADS} or a "
-            f"subclass, not {cfg.MODEL.ROI_HEADS.NAME!r}"
+            f"{source}: MODEL.CPU_FAST_PATH=True needs a MODEL.ROI_HEADS.NAME of "
+            f"{registered_with(ROI_HEADS_REGISTRY, 'builds_cpu_fast_path')} or a subclass, not "
+            f"{cfg.MODEL.ROI_HEADS.NAME!r}"
         )
+
+
+def available_device(device):
+    """``device``, or "cpu" where it names CUDA and there is no CUDA device (the tools then run on CPU)."""
+    import torch  # late: reading and checking config keys needs no torch
+
+    return "cpu" if str(device).startswith("cuda") and not torch.cuda.is_available() else device
 
 
 def select(cfg, dotted_key):

@@ -1,13 +1,78 @@
-"""Small file helpers shared by the trainer and the analysis tools."""
+"""Writing files so that a reader never sees half of one, and a full disk is one line naming the file."""
+import contextlib
+import errno
 import json
 import os
+import shutil
+import tempfile
+
+from gn_det.errors import InputError
+
+
+def no_space_error(path, needed_bytes=None):
+    """The InputError for a write of ``path`` that ran out of disk space."""
+    folder = os.path.dirname(os.path.abspath(path))
+    free = shutil.disk_usage(folder).free if os.path.isdir(folder) else 0
+    needed = f", it needs about {needed_bytes / 2**20:.1f} MiB" if needed_bytes else ""
+    return InputError(f"{path}: no space left on the device ({free / 2**20:.1f} MiB free{needed}); the file was not "
+                      "written and the previous one, if any, is unchanged")
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="w"):
+    """Open a temporary file beside ``path``; when the block ends without an error it is flushed to disk and
+    renamed to ``path`` (one atomic step), else removed. A full disk is an InputError naming ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            raise no_space_error(path) from None
+        raise
 
 
 def write_json_atomically(path, data, indent=2):
-    """Write ``data`` as JSON to ``path`` through a temporary file and a rename, so a process killed mid-write
-    leaves the previous file (or none), never half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    """Write ``data`` as JSON to ``path`` through :func:`atomic_write`."""
+    with atomic_write(path, "w") as f:
         json.dump(data, f, indent=indent)
-    os.replace(tmp, path)
+
+
+class AtomicWrites:
+    """A PathManager (iopath) whose ``open`` for writing goes through :func:`atomic_write`; every other call
+    is the wrapped PathManager's. Given to fvcore's Checkpointer, whose ``save`` and ``tag_last_checkpoint``
+    write through ``self.path_manager.open``."""
+
+    def __init__(self, path_manager):
+        self._path_manager = path_manager
+
+    def open(self, path, mode="r", **kwargs):
+        if any(flag in mode for flag in "wax"):
+            return atomic_write(self._path_manager.get_local_path(path), mode)
+        return self._path_manager.open(path, mode, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._path_manager, name)
+
+
+def read_json(path, what="JSON file"):
+    """The JSON value in ``path``; an InputError naming ``what`` and the file when it is missing, a folder,
+    unreadable, not UTF-8 text or not JSON. The one reader of JSON input (datasets, runs' results, COCO files)."""
+    if os.path.isdir(path):
+        raise InputError(f"{what} {path} is a folder, not a file")
+    if not os.path.isfile(path):
+        raise InputError(f"{what} {path} does not exist")
+    try:
+        with open(path, "rb") as f:
+            return json.load(f)
+    except OSError as err:
+        raise InputError(f"{what} {path} cannot be read ({err.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{what} {path} is not valid JSON ({' '.join(str(err).split())[:160]})") from None

@@ -21,10 +21,8 @@ from detectron2.solver.build import get_default_optimizer_params
 from detectron2.utils.registry import locate
 
 from gn_det.errors import InputError
-from gn_det.layers.spec import GroupNormSpec
+from gn_det.layers.norm import NORM_NAMES, GroupNormSpec
 
-# The norm names detectron2's get_norm accepts ("" is no norm).
-DETECTRON2_NORM_NAMES = ("", "BN", "SyncBN", "FrozenBN", "GN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N", "LN")
 # Argument names under which detectron2's builders take a norm: ResNet stem, stages and res5 (make_stage), FPN,
 # RetinaNetHead ("norm"); FastRCNNConvFCHead, MaskRCNNConvUpsampleHead, gn-det's GNRPNHead ("conv_norm").
 NORM_ARGUMENTS = ("norm", "conv_norm")
@@ -82,9 +80,9 @@ def _is_group_norm_spec(value):
 
 def _check_norm(norm):
     if isinstance(norm, str):
-        if norm not in DETECTRON2_NORM_NAMES:
-            raise InputError(f"norm={norm!r} is not a norm detectron2 knows; use gn_det.GN(...) or one of "
-                             f"{', '.join(map(repr, DETECTRON2_NORM_NAMES))}")
+        if norm not in NORM_NAMES:
+            raise InputError(f"norm={norm!r} is not a norm; use gn_det.GN(...) or one of "
+                             f"{', '.join(map(repr, NORM_NAMES))}")
         return
     if _target(norm) is None:
         # a lambda, partial or module class would build, but LazyConfig.save could not write it as YAML
@@ -102,7 +100,7 @@ def set_norm(model, norm, path="model"):
     """Set ``norm`` at every norm site of the LazyCall model node ``model``, in place; returns the sites' paths.
 
     ``norm`` is a gn-det spec (``gn_det.GN(...)``), a ``LazyCall`` node building a callable
-    ``channels -> nn.Module``, or a name detectron2's ``get_norm`` accepts (``DETECTRON2_NORM_NAMES``).
+    ``channels -> nn.Module``, or a norm name (``gn_det.layers.NORM_NAMES``; "GN" is detectron2's fixed 32 groups here).
     A norm site is every ``norm`` / ``conv_norm`` argument that a node sets or its target declares: in an
     R-CNN, the ResNet stem and stages, FPN, the box and mask heads and the C4 res5 stage; gn-det's
     ``GNRPNHead`` and RetinaNet's head where the model has them. detectron2's ``StandardRPNHead`` has no

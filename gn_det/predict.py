@@ -6,7 +6,6 @@ for inference; YAML configs go through :func:`gn_det.get_gn_cfg` (gn-det's meta-
 Python configs through detectron2's ``LazyConfig``.
 """
 import glob
-import json
 import os
 
 import numpy as np
@@ -15,7 +14,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import detectron2.data.transforms as T
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import instantiate
 from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
@@ -23,11 +22,10 @@ from detectron2.modeling import build_model
 from detectron2.utils.visualizer import Visualizer
 
 from gn_det.checkpoint.reader import GNCheckpointer
-from gn_det.config import get_gn_cfg
+from gn_det.config import available_device, get_gn_cfg, load_lazy_config
 from gn_det.data import register_datasets  # importing gn_det.data registers shapes_train / shapes_val
-from gn_det.engine.setup import available_device
 from gn_det.errors import InputError
-from gn_det.fileio import write_json_atomically
+from gn_det.fileio import read_json, write_json_atomically
 
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 RESULTS_FILE = "predictions.json"
@@ -80,7 +78,7 @@ def yaml_config(config_file, weights, opts=(), device=None):
 def model_from_config(cfg):
     """The model of a YAML config, with ``MODEL.WEIGHTS`` loaded, in eval mode."""
     model = build_model(cfg)
-    GNCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    GNCheckpointer(model, strict=True).load(cfg.MODEL.WEIGHTS)
     return model.eval()
 
 
@@ -107,12 +105,12 @@ def _lazy_predictor(config_file, weights, opts, device):
     """A LazyConfig's ``model``, device ``train.device``, resize and dataset of ``dataloader.test``, as
     detectron2's ``tools/lazyconfig_train_net.py`` reads them."""
     check_model_files(config_file, weights)
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), list(opts))
+    cfg = load_lazy_config(config_file, opts)
     if "model" not in cfg:
         raise InputError(f"{config_file}: a Python config needs a 'model' to predict with")
     model = instantiate(cfg.model)
     model.to(available_device(device or cfg.get("train", {}).get("device", "cpu")))
-    GNCheckpointer(model).load(weights)
+    GNCheckpointer(model, strict=True).load(weights)
     test_loader = cfg.get("dataloader", {}).get("test", {})
     augmentations = test_loader.get("mapper", {}).get("augmentations")
     # detectron2's default test resize (LazyConfig common/data/coco.py) when the config names none
@@ -170,18 +168,17 @@ def coco_ids(paths, coco_json, metadata):
     metadata's dataset, else the class indices, mapped in the order detectron2's ``load_coco_json`` uses.
     """
     if coco_json and not os.path.isfile(coco_json):
-        raise InputError(f"--coco-json: {coco_json} is not a file")
+        raise InputError(f"--coco-json {coco_json} is not a file")
     if metadata.get("thing_dataset_id_to_contiguous_id") and not coco_json:
         return list(range(1, len(paths) + 1)), {v: k for k, v in metadata.thing_dataset_id_to_contiguous_id.items()}
     annotations = coco_json or metadata.get("json_file")
     if not (annotations and os.path.isfile(annotations)):
         return list(range(1, len(paths) + 1)), {}
+    coco = read_json(annotations, "--coco-json" if coco_json else "COCO file")
     try:
-        with open(annotations) as f:
-            coco = json.load(f)
         to_dataset_id = dict(enumerate(sorted(c["id"] for c in coco["categories"])))
         file_names = {os.path.basename(image["file_name"]): image["id"] for image in coco["images"]}
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+    except (KeyError, TypeError) as err:
         raise InputError(f"{annotations}: not a COCO instances file ({type(err).__name__}: {err})") from None
     if not coco_json:
         return list(range(1, len(paths) + 1)), to_dataset_id

@@ -17,6 +17,18 @@ def d2():
 
 
 @pytest.fixture(scope="session")
+def tiny_dataset_specs(d2, tmp_path_factory):
+    """train_net's ``--dataset`` flags of a tiny generated shapes dataset (8 train, 4 val images at 128 px),
+    registered as ``shared_train`` / ``shared_val``, shared by every test that needs a dataset."""
+    from gn_det.data import generate_shapes
+
+    root = tmp_path_factory.mktemp("shared_shapes")
+    generate_shapes(str(root), num_train=8, num_val=4, image_size=128)
+    return [f"--dataset=shared_train={root}/train.json,{root}/train",
+            f"--dataset=shared_val={root}/val.json,{root}/val"]
+
+
+@pytest.fixture(scope="session")
 def tiny_shapes_runs(d2, tmp_path_factory):
     """Two finished runs, GN and BN*, of 3 iterations on 4 val images at 128 px, evaluated (so each has
     results.json and inference/vis_val/instances_predictions.pth) with every detection kept (score >= 0):

@@ -27,7 +27,7 @@ from gn_det.checkpoint import (  # noqa: E402
 )
 from gn_det.config import get_gn_cfg  # noqa: E402
 from gn_det.errors import InputError  # noqa: E402
-from gn_det.modeling.random_inputs import random_detection_batch  # noqa: E402
+from gn_det.analysis.random_inputs import random_detection_batch  # noqa: E402
 
 COCO = os.path.join(CONFIG_DIR, "COCO-InstanceSegmentation")
 GN_TIMM = os.path.join(COCO, "mask_rcnn_R_50_FPN_2x_gn_timm.yaml")

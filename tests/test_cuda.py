@@ -20,7 +20,7 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 
 from conftest import GN_FPN, TINY_OPTS  # noqa: E402
 from gn_det.config import get_gn_cfg  # noqa: E402
-from gn_det.modeling.random_inputs import random_detection_batch  # noqa: E402
+from gn_det.analysis.random_inputs import random_detection_batch  # noqa: E402
 from gn_det.solver import build_gn_optimizer  # noqa: E402
 
 CUDA_OPTS = [opt if opt != "cpu" else "cuda" for opt in TINY_OPTS] + [

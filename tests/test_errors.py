@@ -247,25 +247,27 @@ def test_launch_raises_a_workers_input_error_as_such_and_keeps_other_errors_trac
 @pytest.mark.parametrize("batch, world_size, ok", [(3, 2, False), (4, 2, True), (0, 1, False), (2, 1, True)])
 def test_batch_must_split_evenly_over_the_processes(batch, world_size, ok):
     from gn_det.config import get_gn_cfg
-    from gn_det.engine.setup import check_run_settings
+    from gn_det.engine.run import check_run, yaml_settings
     from gn_det.errors import InputError
 
-    cfg = get_gn_cfg(GN_SHAPES, ["SOLVER.IMS_PER_BATCH", str(batch), "MODEL.DEVICE", "cpu"])
-    check_run_settings(cfg, "my.yaml", world_size, training=False)  # evaluation ignores the training batch
+    settings = yaml_settings(get_gn_cfg(GN_SHAPES, ["SOLVER.IMS_PER_BATCH", str(batch), "MODEL.DEVICE", "cpu"]),
+                             "my.yaml")
+    check_run(settings, world_size, training=False)  # evaluation ignores the training batch
     if ok:
-        check_run_settings(cfg, "my.yaml", world_size, training=True)
+        check_run(settings, world_size, training=True)
     else:
         with pytest.raises(InputError, match=rf"^my\.yaml: SOLVER\.IMS_PER_BATCH={batch} must be a positive "
                                              rf"multiple of the number of processes \({world_size}\)$"):
-            check_run_settings(cfg, "my.yaml", world_size, training=True)
+            check_run(settings, world_size, training=True)
 
 
 def test_evaluation_checks_only_the_test_datasets():
     from gn_det.config import get_gn_cfg
-    from gn_det.engine.setup import check_datasets
+    from gn_det.engine.run import check_datasets, yaml_settings
     from gn_det.errors import InputError
 
-    cfg = get_gn_cfg(GN_SHAPES, ["DATASETS.TRAIN", "('unregistered_train',)", "DATASETS.TEST", "()"])
-    check_datasets(cfg, "my.yaml", training=False)
+    settings = yaml_settings(get_gn_cfg(GN_SHAPES, ["DATASETS.TRAIN", "('unregistered_train',)", "DATASETS.TEST", "()"]),
+                             "my.yaml")
+    check_datasets(settings, training=False)
     with pytest.raises(InputError, match=r"^my\.yaml: DATASETS\.TRAIN names dataset 'unregistered_train'"):
-        check_datasets(cfg, "my.yaml", training=True)
+        check_datasets(settings, training=True)

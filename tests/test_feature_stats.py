@@ -17,7 +17,7 @@ from conftest import CONFIG_DIR, REPO  # noqa: E402
 from gn_det.analysis.feature_stats import FEATURE_STATS_FILE, feature_percentiles, read_feature_stats  # noqa: E402
 from gn_det.config import get_gn_cfg  # noqa: E402
 from gn_det.data import generate_shapes  # noqa: E402
-from gn_det.engine.feature_stats_hook import FeatureStatsHook, default_feature_layer  # noqa: E402
+from gn_det.analysis.feature_stats_hook import FeatureStatsHook, default_feature_layer  # noqa: E402
 
 SHAPES = os.path.join(CONFIG_DIR, "shapes")
 SMALL = ["INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "128", "INPUT.MIN_SIZE_TEST", "128",

@@ -22,7 +22,9 @@ from conftest import CONFIG_DIR, GN_FPN, REPO  # noqa: E402
 from gn_det import GN, InputError  # noqa: E402
 from gn_det.data import generate_shapes  # noqa: E402
 from gn_det.engine import argument_parser  # noqa: E402
-from gn_det.engine.lazy_train import build_lazy_model, load_lazy_config, train_or_evaluate_lazy  # noqa: E402
+from gn_det.engine import train_or_evaluate  # noqa: E402
+from gn_det.config import load_lazy_config  # noqa: E402
+from gn_det.engine.lazy_train import build_lazy_model  # noqa: E402
 from gn_det.layers.norm import GroupNorm  # noqa: E402
 from gn_det.lazy import no_weight_decay_on_norm, norm_sites, set_norm, use_4conv1fc_box_head  # noqa: E402
 
@@ -91,8 +93,8 @@ def test_unsplittable_channels_fail_at_build_naming_the_field():
     cfg = model_zoo.get_config("common/models/mask_rcnn_fpn.py")
     cfg.model.backbone.norm = GN(num_groups=48)  # set directly: the build labels it
     cfg.train = {"device": "cpu"}
-    with pytest.raises(InputError, match=r"^model\.backbone\.norm: 256 channels cannot be split into groups by "
-                                         r"GN num_groups=48$"):
+    with pytest.raises(InputError, match=r"^backbone\.fpn_lateral2\.norm: 256 channels cannot be split into groups "
+                                         r"by model\.backbone\.norm\.num_groups=48$"):
         build_lazy_model(cfg)
 
 
@@ -209,12 +211,11 @@ def test_lsj_gn16_user_config_trains_on_cpu(tmp_path, tiny_lazy_shapes):
     out = tmp_path / "out"
     args = argument_parser().parse_args(
         ["--config-file", str(config), *tiny_lazy_shapes, f"train.output_dir={out}", "train.max_iter=2",
-         "train.log_period=1", "train.checkpointer.period=100"])
-    train_or_evaluate_lazy(args)
+         "train.log_period=1", "train.checkpointer.period=100", "train.amp.enabled=False"])
+    train_or_evaluate(args)
     assert (out / "model_final.pth").is_file()
     saved = LazyConfig.load(str(out / "config.yaml"))  # default_setup's dump: YAML, loadable
     assert saved.model.backbone.norm.num_groups == 16 and saved.train.device == "cpu"
-    assert not saved.train.amp.enabled  # fp16 AMP is CUDA only
     metrics = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
     assert metrics[-1]["iteration"] == 1 and "peak_memory_mb" in metrics[-1]
 
@@ -239,7 +240,7 @@ def test_shapes_lazy_config_trains_on_two_processes_resumes_and_evaluates_throug
     log = (out / "log.txt").read_text()
     assert "Optimizer parameter groups" in log and "GroupNorm γ/β" in log
     if not torch.cuda.is_available():
-        assert "No CUDA device: running on CPU" in log
+        assert "No CUDA device: train.device='cuda' runs on CPU" in log
     results = json.loads((out / "results.json").read_text())
     assert set(results["tiny_lazy_val"]) == {"bbox", "segm"}
 
@@ -258,7 +259,8 @@ def test_shapes_lazy_config_trains_on_two_processes_resumes_and_evaluates_throug
     (["trian.max_iter=2"], "command line: trian.max_iter=2: .* has no section trian$"),
     (["dataloader.train.dataset.names=nope"], "names dataset 'nope', which is not registered"),
     (["model.backbone.norm={_target_: gn_det.GroupNormSpec, num_groups: 48}"],
-     r"model\.backbone\.norm: 128 channels cannot be split into groups by GN num_groups=48$"),
+     r"backbone\.fpn_lateral2\.norm: 128 channels cannot be split into groups by model\.backbone\.norm\."
+     r"num_groups=48$"),
     # detectron2's built-in COCO, registered but its files absent (DETECTRON2_DATASETS points at an empty folder)
     (["dataloader.test.dataset.names=coco_2017_val"],
      r"dataloader\.test\.dataset\.names dataset 'coco_2017_val': json_file \S*/no_datasets/coco/annotations/"
@@ -302,21 +304,26 @@ def test_a_diverging_lazy_run_ends_in_one_line_naming_the_iteration(tmp_path, ti
                     line), line
 
 
-def test_lazy_run_checks_the_datasets_it_reads(tiny_lazy_shapes):
-    from gn_det.data import register_datasets
-    from gn_det.engine.lazy_train import check_lazy_config
+def test_lazy_run_checks_the_datasets_it_reads(tiny_lazy_shapes, tmp_path):
+    from gn_det.engine.run import check_datasets
+    from gn_det.engine.lazy_train import load_lazy_run_config
 
-    register_datasets([spec.partition("=")[2] for spec in tiny_lazy_shapes])  # "--dataset=NAME=..." -> "NAME=..."
-    cfg = LazyConfig.load(SHAPES_PY)
-    cfg.dataloader.train.dataset.names = "tiny_lazy_train"
-    cfg.dataloader.test.dataset.names = "unregistered_val"
-    with pytest.raises(InputError, match=r"^my\.py: dataloader\.test\.dataset\.names names dataset 'unregistered_val'"):
-        check_lazy_config(cfg, "my.py", eval_only=False)  # do_test evaluates it after training
-    del cfg.dataloader.evaluator
-    check_lazy_config(cfg, "my.py", eval_only=False)  # no evaluator: the test set is never read
-    cfg = LazyConfig.load(SHAPES_PY)
-    cfg.dataloader.train.dataset.names = "unregistered_train"
-    cfg.dataloader.test.dataset.names = "tiny_lazy_val"
-    check_lazy_config(cfg, "my.py", eval_only=True)  # an evaluation reads no training set
+    def settings(*overrides, eval_only=False, evaluator=True):
+        config = tmp_path / "my.py"
+        config.write_text(f"from detectron2.config import LazyConfig\n"
+                          f"_c = LazyConfig.load({SHAPES_PY!r})\n"
+                          f"globals().update({{k: _c[k] for k in _c}})\n"
+                          + ("" if evaluator else "del dataloader.evaluator\n"))
+        args = argument_parser().parse_args(["--config-file", str(config), *(["--eval-only"] if eval_only else []),
+                                             *tiny_lazy_shapes, *overrides])
+        return load_lazy_run_config(args)[1]
+
+    checked = settings("dataloader.train.dataset.names=tiny_lazy_train", "dataloader.test.dataset.names=unregistered_val")
+    with pytest.raises(InputError, match=r"my\.py: dataloader\.test\.dataset\.names names dataset 'unregistered_val'"):
+        check_datasets(checked)  # do_test evaluates it after training
+    check_datasets(settings("dataloader.train.dataset.names=tiny_lazy_train",
+                            "dataloader.test.dataset.names=unregistered_val", evaluator=False))  # never read
+    unregistered_train = ("dataloader.train.dataset.names=unregistered_train", "dataloader.test.dataset.names=tiny_lazy_val")
+    check_datasets(settings(*unregistered_train, eval_only=True), training=False)  # an evaluation reads no training set
     with pytest.raises(InputError, match="names dataset 'unregistered_train'"):
-        check_lazy_config(cfg, "my.py", eval_only=False)
+        check_datasets(settings(*unregistered_train))

@@ -14,7 +14,7 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 
 from conftest import CONFIG_DIR, GN_FPN, TINY_OPTS  # noqa: E402
 from gn_det.config import get_gn_cfg  # noqa: E402
-from gn_det.modeling.random_inputs import random_detection_batch  # noqa: E402
+from gn_det.analysis.random_inputs import random_detection_batch  # noqa: E402
 
 SMALL_INPUT = ["INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "128", "MODEL.ROI_HEADS.NUM_CLASSES", "3",
                "MODEL.RETINANET.NUM_CLASSES", "3", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "64",

@@ -22,7 +22,7 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 
 from conftest import CONFIG_DIR, GN_FPN, REPO, TINY_OPTS  # noqa: E402
 from gn_det.config import get_gn_cfg  # noqa: E402
-from gn_det.modeling.random_inputs import random_detection_batch  # noqa: E402
+from gn_det.analysis.random_inputs import random_detection_batch  # noqa: E402
 
 SWITCHES = ["MODEL.PRECISION", "bf16", "MODEL.CHANNELS_LAST", "True"]
 FAST = SWITCHES + ["MODEL.CPU_FAST_PATH", "True"]

@@ -174,7 +174,7 @@ def test_converted_gn_weights_into_bnstar_model_fail_before_training(tmp_path, t
 def test_cuda_falls_back_to_cpu_only_without_a_cuda_device():
     import torch
 
-    from gn_det.engine.setup import available_device
+    from gn_det.config import available_device
 
     assert available_device("cpu") == "cpu"
     assert available_device("cuda:1") == ("cuda:1" if torch.cuda.is_available() else "cpu")

@@ -17,7 +17,7 @@ import sys
 
 from gn_det.analysis.feature_stats import plot_feature_stats_of_runs
 from gn_det.engine import argument_parser, launch
-from gn_det.engine.feature_stats_hook import WHERE, train_with_feature_stats
+from gn_det.analysis.feature_stats_hook import WHERE, train_with_feature_stats
 from gn_det.errors import exit_on_input_error
 
 

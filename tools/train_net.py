@@ -10,16 +10,13 @@
 Bad input (config, datasets, weights, images) exits with one line naming the offender.
 """
 from gn_det.engine import argument_parser, launch, train_or_evaluate
-from gn_det.engine.lazy_train import is_lazy_config, train_or_evaluate_lazy
 from gn_det.errors import exit_on_input_error
 
 
 def main():
     args = argument_parser().parse_args()
-    # a Python config file is a LazyConfig: detectron2's other config system
-    body = train_or_evaluate_lazy if is_lazy_config(args.config_file) else train_or_evaluate
     with exit_on_input_error("train_net.py"):
-        launch(body, args)
+        launch(train_or_evaluate, args)  # a YAML or a Python (LazyConfig) config: one run pipeline
 
 
 if __name__ == "__main__":

@@ -222,7 +222,7 @@ def measure_variant(name, args):
     from detectron2.utils.events import EventStorage
 
     import gn_det  # noqa: F401  (registers gn-det's models)
-    from gn_det.modeling.random_inputs import random_detection_batch
+    from gn_det.analysis.random_inputs import random_detection_batch
     from gn_det.solver import build_gn_optimizer
 
     if args.threads > 0:

@@ -1,7 +1,7 @@
 """Feature distributions over training, as the paper's Figure 3: percentiles of one layer's responses.
 
 The paper plots the {1, 20, 80, 99} percentiles of conv5_3's output *before normalization* over training, to
-show that with normalization the distribution stays stable. :class:`gn_det.engine.feature_stats_hook.
+show that with normalization the distribution stays stable. :class:`gn_det.analysis.feature_stats_hook.
 FeatureStatsHook` records them into ``OUTPUT_DIR/feature_stats.json``; this module computes percentiles, reads
 the files back and plots several runs side by side.
 """

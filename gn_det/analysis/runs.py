@@ -7,6 +7,7 @@ import statistics
 from tabulate import tabulate
 
 from gn_det.errors import InputError
+from gn_det.fileio import read_json
 
 METRICS = ("bbox/AP", "bbox/AP50", "bbox/AP75", "segm/AP", "segm/AP50", "segm/AP75")
 
@@ -19,6 +20,8 @@ class Run:
         self.name = name or os.path.basename(os.path.normpath(output_dir))
         results_path = os.path.join(output_dir, "results.json")
         metrics_path = os.path.join(output_dir, "metrics.json")
+        if not os.path.isdir(output_dir):
+            raise InputError(f"{output_dir}: not a folder (a run's OUTPUT_DIR)")
         if not os.path.exists(results_path) and not os.path.exists(metrics_path):
             raise InputError(f"{output_dir}: neither results.json nor metrics.json; is it a run's OUTPUT_DIR?")
         self.final = _final_results(results_path) if os.path.exists(results_path) else {}
@@ -63,8 +66,12 @@ def load_runs(run_dirs, labels=None):
 
 def _final_results(path):
     """results.json ({dataset: {task: {metric: value}}}) flattened to {"bbox/AP": ...} for the first dataset."""
-    with open(path) as f:
-        per_dataset = json.load(f)
+    per_dataset = read_json(path, "results file")
+    shaped = isinstance(per_dataset, dict) and all(
+        isinstance(tasks, dict) and all(isinstance(values, dict) for values in tasks.values())
+        for tasks in per_dataset.values())
+    if not shaped:
+        raise InputError(f"results file {path} is not {{dataset: {{task: {{metric: value}}}}}} (gn-det's results.json)")
     first = next(iter(per_dataset.values()), {})
     return {f"{task}/{metric}": value for task, values in first.items() for metric, value in values.items()}
 
@@ -76,11 +83,13 @@ def _read_metrics(path):
     when the iteration goes back, the earlier lines from that iteration on are superseded and dropped.
     """
     rows = []
-    with open(path) as f:
+    with open(path, "rb") as f:
         for line in f:
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            if not isinstance(row, dict):
                 continue
             # rows stay in increasing iteration order, so the superseded lines are a suffix
             while rows and rows[-1].get("iteration", -1) >= row.get("iteration", -1):

@@ -18,7 +18,7 @@ from typing import List, Optional
 
 from tabulate import tabulate
 
-from ..config import get_gn_cfg
+from ..config import NORM_SITE_KEYS, get_gn_cfg
 from ..errors import InputError
 from ..fileio import write_json_atomically
 from .runs import Run
@@ -33,7 +33,7 @@ CSV_METRICS = ("bbox/AP", "bbox/AP50", "bbox/AP75", "segm/AP", "segm/AP50", "seg
 # The norm at each site (MODEL.RESNETS/FPN/ROI_BOX_HEAD/ROI_MASK_HEAD.NORM) and MODEL.GN.WS of every norm
 # setting a sweep knows, in the order tables list them. BN* is configs/shapes/mask_rcnn_R_18_FPN_bnstar.yaml:
 # frozen BN in the backbone and no norm elsewhere. SyncBN is resolved per machine by :func:`sync_bn_name`.
-SITE_KEYS = ("MODEL.RESNETS.NORM", "MODEL.FPN.NORM", "MODEL.ROI_BOX_HEAD.NORM", "MODEL.ROI_MASK_HEAD.NORM")
+SITE_KEYS = tuple(key for key in NORM_SITE_KEYS if key not in ("MODEL.RPN.NORM", "MODEL.RETINANET.NORM"))
 NORM_SETTINGS = {
     "GN": (("GN",) * 4, False),
     "GN+WS": (("GN",) * 4, True),

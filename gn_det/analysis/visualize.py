@@ -215,7 +215,7 @@ def visualize_runs(run_dirs, out_dir, labels=None, dataset=None, num_images=4, s
     dataset = dataset or run_datasets[0]
     if dataset is None:
         raise InputError(f"{run_dirs[0]}: no config.yaml naming DATASETS.TEST; give --dataset")
-    from gn_det.engine.setup import check_dataset
+    from gn_det.engine import check_dataset
 
     check_dataset(dataset, "--dataset", "command line",
                   register_hint="a run's DATASETS.REGISTER; gn-det registers shapes_train and shapes_val")

@@ -19,6 +19,7 @@ import logging
 import os
 import pickle
 import zipfile
+from urllib.parse import urlparse
 
 import torch
 from safetensors import SafetensorError
@@ -28,6 +29,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
 
 from gn_det.errors import InputError
+from gn_det.fileio import AtomicWrites
 
 logger = logging.getLogger(__name__)
 
@@ -117,16 +119,90 @@ def read_checkpoint(path, what="weights file"):
     return checkpoint
 
 
-class GNCheckpointer(DetectionCheckpointer):
-    """detectron2's ``DetectionCheckpointer`` whose every read goes through :func:`read_checkpoint`.
+def _tensors(state):
+    """Every tensor in a (nested) state dict."""
+    if isinstance(state, torch.Tensor):
+        yield state
+    elif isinstance(state, dict):
+        for value in state.values():
+            yield from _tensors(value)
+    elif isinstance(state, (list, tuple)):
+        for value in state:
+            yield from _tensors(value)
 
-    Its loading, matching and saving are the parent's; only the file read differs (the parent unpickles
-    ``.pkl`` files in full).
+
+def local_weights_path(path):
+    """The local file detectron2's checkpointer reads for ``path`` (a URL's query removed, a URL downloaded)."""
+    return PathManager.get_local_path(urlparse(path)._replace(query="").geturl())
+
+
+class GNCheckpointer(DetectionCheckpointer):
+    """detectron2's ``DetectionCheckpointer`` whose every read goes through :func:`read_checkpoint` and every
+    write is atomic (:class:`gn_det.fileio.AtomicWrites`: a checkpoint or ``last_checkpoint`` is renamed into
+    place only once complete, so ``last_checkpoint`` always names a complete checkpoint).
+
+    Its loading, matching and saving are otherwise the parent's (the parent unpickles ``.pkl`` files in full
+    and writes in place). ``strict``: weights must fit the model (evaluation, prediction); resuming from the
+    last checkpoint is always strict. Beyond what detectron2 tolerates by design (``pixel_mean``/``pixel_std``,
+    old anchors), a missing, unexpected or differently shaped parameter is then an InputError naming the file
+    and the first of them. ``preloaded``: ``{local path: content}`` of a file already read (by a run's checks),
+    so the file is read once.
     """
+
+    def __init__(self, model, save_dir="", *, strict=False, preloaded=None, **checkpointables):
+        super().__init__(model, save_dir, **checkpointables)
+        self.path_manager = AtomicWrites(self.path_manager)
+        self.strict = strict
+        self.preloaded = dict(preloaded or {})
+        self._strict_load = strict
+        self._loading = None
+
+    def _read(self, filename):
+        if filename in self.preloaded:
+            data = self.preloaded.pop(filename)
+            # fvcore's load pops entries of the dict it is given: the caller's copy stays whole
+            return {**data, "model": dict(data["model"])} if isinstance(data.get("model"), dict) else dict(data)
+        return read_checkpoint(filename)
+
+    def resume_or_load(self, path, *, resume=True):
+        self._strict_load = self.strict or (resume and self.has_checkpoint())
+        return super().resume_or_load(path, resume=resume)
+
+    def load(self, path, *args, **kwargs):
+        self._loading = path
+        try:
+            return super().load(path, *args, **kwargs)
+        finally:
+            self._loading = None
+            self._strict_load = self.strict
+
+    def _load_model(self, checkpoint):
+        incompatible = super()._load_model(checkpoint)
+        if self._strict_load and incompatible is not None:
+            problems = (
+                [f"{key} is missing" for key in incompatible.missing_keys]
+                + [f"{key} is not in the model" for key in incompatible.unexpected_keys]
+                + [f"{key} has shape {tuple(ckpt)} in the file but {tuple(model)} in the model"
+                   for key, ckpt, model in incompatible.incorrect_shapes]
+            )
+            if problems:
+                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+                raise InputError(f"weights file {self._loading} does not fit the model: {problems[0]}{more}")
+        return incompatible
+
+    def save(self, name, **kwargs):
+        try:
+            super().save(name, **kwargs)
+        except InputError as err:  # a full disk (gn_det.fileio); name what the checkpoint needs
+            state = [self.model.state_dict()] + [obj.state_dict() for obj in self.checkpointables.values()]
+            needed = sum(t.numel() * t.element_size() for s in state for t in _tensors(s))
+            last = self.get_checkpoint_file() if self.has_checkpoint() else "no checkpoint"
+            raise InputError(f"{err} (checkpoint {name}.pth needs about {needed / 2**20:.1f} MiB; last_checkpoint "
+                             f"still names {last}: free space, then continue with --resume)") from None
 
     def _load_file(self, filename):
         if filename.endswith(".pkl"):
-            data = read_checkpoint(filename)
+            data = self._read(filename)
             # The rest follows DetectionCheckpointer._load_file's ".pkl" branch.
             if "model" in data and "__author__" in data:
                 self.logger.info("Reading a file from '{}'".format(data["__author__"]))
@@ -137,7 +213,7 @@ class GNCheckpointer(DetectionCheckpointer):
             return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
         if filename.endswith(".pyth"):
             # follows DetectionCheckpointer._load_file's ".pyth" branch (pycls), which calls torch.load itself
-            data = read_checkpoint(filename)
+            data = self._read(filename)
             if "model_state" not in data:
                 raise InputError(f"weights file {filename} is a .pyth file without 'model_state' (pycls's format)")
             state = {k: v for k, v in data["model_state"].items() if not k.endswith("num_batches_tracked")}
@@ -145,4 +221,4 @@ class GNCheckpointer(DetectionCheckpointer):
         return super()._load_file(filename)  # torch files: read through _torch_load
 
     def _torch_load(self, f):
-        return read_checkpoint(f)
+        return self._read(f)

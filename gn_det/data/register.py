@@ -15,6 +15,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json, register_coco_instances
 
 from gn_det.errors import InputError
+from gn_det.fileio import read_json
 
 from .shapes import SHAPES_CLASSES, SHAPES_SPLITS, ensure_shapes, shapes_root
 
@@ -85,12 +86,8 @@ def check_coco_dataset(json_file, image_dir, name="dataset"):
         raise InputError(f"{where}: annotation file {json_file} does not exist")
     if not os.path.isdir(image_dir):
         raise InputError(f"{where}: image folder {image_dir} does not exist")
+    coco = read_json(json_file, f"{where}: annotation file")
     where = f"{where}: {json_file}"
-    try:
-        with open(json_file, "rb") as f:
-            coco = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{where} is not valid JSON: {e}") from None
     if not isinstance(coco, dict):
         raise InputError(f"{where} is not a COCO instances file: the top level is not an object")
     keys = ("images", "annotations", "categories")

@@ -1,3 +1,4 @@
 from .launch import launch
-from .setup import argument_parser, setup, train_or_evaluate
+from .plan import RunPlan, RunSettings
+from .run import argument_parser, check_dataset, execute, plan_run, train_or_evaluate
 from .trainer import RESULTS_FILE, GNTrainer, write_results

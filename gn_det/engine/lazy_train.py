@@ -1,37 +1,31 @@
-"""Training and evaluation from a LazyConfig (Python config): tools/train_net.py's path for a ``.py`` file.
+"""The Python-config (LazyConfig) half of gn-det's one run pipeline (:mod:`gn_det.engine.run`).
 
-It follows detectron2's ``tools/lazyconfig_train_net.py`` (``do_test``, ``do_train``, ``main``), built from
-detectron2's package API. The config is read the same way: ``model``, ``dataloader.{train,test,evaluator}``,
-``optimizer``, ``lr_multiplier`` and ``train.*``. ``KEY=VALUE`` overrides go through
-``LazyConfig.apply_overrides``. On top of that it does what gn-det's YAML path does:
-
-- without CUDA it runs on CPU (``train.device``) and switches off fp16 AMP, which needs CUDA;
-- bad input (missing file or section, override under a missing section, dataset or its files, group setting,
-  ``train.init_checkpoint`` or the ``--resume`` checkpoint) stops with one :class:`gn_det.InputError` line
-  before anything is written to ``train.output_dir``; a NaN/Inf loss stops with one line naming the iteration;
-- the optimizer's parameter groups are logged as a table (``gn_det.solver.param_group_table``);
-- every evaluation writes ``results.json`` (``gn_det.engine.trainer.write_results``);
-- ``--resume``, ``--num-gpus`` (also on CPU, through gloo) and ``--eval-only`` work as for YAML configs.
+It reads a LazyConfig as detectron2's ``tools/lazyconfig_train_net.py`` does (``model``,
+``dataloader.{train,test,evaluator}``, ``optimizer``, ``lr_multiplier``, ``train.*``; ``KEY=VALUE`` overrides
+through ``LazyConfig.apply_overrides``) into the run plan's settings, and trains or evaluates a plan as that
+script's ``do_train`` / ``do_test`` do, built from detectron2's package API, with gn-det's additions: the
+optimizer's parameter groups logged as a table, ``results.json`` after every evaluation, a NaN/Inf loss in one
+line, CPU processes through gloo.
 """
 import logging
 import os
 
-from detectron2.config import LazyConfig, instantiate
-from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, default_writers, hooks
+from detectron2.config import instantiate
+from detectron2.engine import AMPTrainer, SimpleTrainer, default_writers, hooks
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
-from detectron2.utils.env import seed_all_rng
-from detectron2.utils.logger import setup_logger
 from omegaconf import OmegaConf
 
 from gn_det.checkpoint.reader import GNCheckpointer
+from gn_det.config import available_device, load_lazy_config
 from gn_det.data import register_datasets
 from gn_det.errors import InputError
-from gn_det.lazy import label_group_norm_sites
+from gn_det.layers import check_norm_sites
+from gn_det.lazy import label_group_norm_sites, norm_slots
 from gn_det.solver import param_group_table
 
-from .setup import available_device, check_dataset, read_checkpoint, weights_to_load
+from .plan import RunSettings
 from .trainer import PeakMemoryHook, ddp_device_arguments, training_errors_in_one_line, write_results
 
 logger = logging.getLogger(__name__)
@@ -42,62 +36,56 @@ TRAIN_KEYS = ("dataloader.train", "optimizer", "lr_multiplier", "train.amp.enabl
               "train.eval_period", "train.log_period")
 
 
-def is_lazy_config(path):
-    """Whether ``path`` is a LazyConfig (Python) file rather than a YAML config."""
-    return bool(path) and path.endswith(".py")
-
-
-def load_lazy_config(path, overrides=()):
-    """``path`` loaded with ``KEY=VALUE`` ``overrides`` applied. An override must lie under a section that
-    exists (``train.max_iter=10`` needs ``train``; its leaf may be new, as detectron2 allows)."""
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: config file does not exist")
-    cfg = LazyConfig.load(path)
-    for override in overrides:
-        key, sep, _value = override.partition("=")
-        if not sep:
-            raise InputError(f"command line: {override!r} is not KEY=VALUE")
-        parent = key.rpartition(".")[0]
-        if parent and not OmegaConf.is_config(OmegaConf.select(cfg, parent, default=None)):
-            raise InputError(f"command line: {override}: {path} has no section {parent}")
-    return LazyConfig.apply_overrides(cfg, list(overrides))
-
-
 def check_lazy_config(cfg, source, eval_only):
-    """Raise one InputError line naming the first key the run needs that ``cfg`` lacks, or a dataset the run
-    reads that is unknown or whose files are gone (:func:`gn_det.engine.setup.check_dataset`)."""
+    """Raise one InputError line naming the first key the run needs that ``cfg`` lacks."""
     needed = REQUIRED_KEYS + (("dataloader.test", "dataloader.evaluator") if eval_only else TRAIN_KEYS)
     for key in needed:
         if OmegaConf.select(cfg, key, default=None) is None:
             raise InputError(f"{source}: no {key} (see detectron2's configs/common for the layout)")
-    # the datasets the run reads: the training set unless --eval-only, the test set in an evaluation
-    # (--eval-only, or do_test's, which needs dataloader.evaluator)
-    splits = [] if eval_only else ["train"]
-    if eval_only or OmegaConf.select(cfg, "dataloader.evaluator", default=None) is not None:
-        splits.append("test")
-    for split in splits:
-        names = OmegaConf.select(cfg, f"dataloader.{split}.dataset.names", default=None)
-        for name in [names] if isinstance(names, str) else (names or []):
-            check_dataset(name, f"dataloader.{split}.dataset.names", source,
-                          register_hint="--dataset NAME=JSON,IMAGE_DIR")
 
 
-def use_available_device(cfg):
-    """``train.device`` cuda without a CUDA device becomes cpu, and fp16 AMP (CUDA only) is switched off.
-    Returns what changed, for the log."""
-    if available_device(cfg.train.device) == cfg.train.device:
-        return ""
-    cfg.train.device = "cpu"
-    if OmegaConf.select(cfg, "train.amp.enabled", default=False):
-        cfg.train.amp.enabled = False
-        return "No CUDA device: running on CPU, in float32 (train.amp.enabled needs CUDA)"
-    return "No CUDA device: running on CPU"
+def dataset_names(cfg, split):
+    """[(key, name)] of ``dataloader.{split}.dataset.names``."""
+    key = f"dataloader.{split}.dataset.names"
+    names = OmegaConf.select(cfg, key, default=None)
+    return [(key, name) for name in ([names] if isinstance(names, str) else (names or []))]
+
+
+def load_lazy_run_config(args):
+    """The LazyConfig of ``args`` (``--config-file``, ``--dataset``, ``KEY=VALUE`` overrides) and its
+    :class:`~gn_det.engine.run.RunSettings`; CUDA named where there is none becomes the CPU."""
+    register_datasets(args.dataset)
+    source = args.config_file
+    cfg = load_lazy_config(source, args.opts)
+    check_lazy_config(cfg, source, args.eval_only)
+    adjustments = []
+    if available_device(cfg.train.device) != cfg.train.device:
+        adjustments.append(f"No CUDA device: train.device={cfg.train.device!r} runs on CPU")
+        cfg.train.device = "cpu"
+    # the test set is read in an evaluation (--eval-only, or do_test's, which needs dataloader.evaluator)
+    evaluates = args.eval_only or OmegaConf.select(cfg, "dataloader.evaluator", default=None) is not None
+    settings = RunSettings(
+        source=source, device=cfg.train.device,
+        amp=("train.amp.enabled", bool(OmegaConf.select(cfg, "train.amp.enabled", default=False))),
+        batch=("dataloader.train.total_batch_size",
+               OmegaConf.select(cfg, "dataloader.train.total_batch_size", default=None)),
+        norms={site: parent[name] for parent, name, site in norm_slots(cfg.model) if name in parent},
+        train_datasets=[] if args.eval_only else dataset_names(cfg, "train"),
+        test_datasets=dataset_names(cfg, "test") if evaluates else [],
+        weights=("train.init_checkpoint", cfg.train.init_checkpoint or ""),
+        output_dir=cfg.train.output_dir, seed=OmegaConf.select(cfg, "train.seed", default=-1),
+        adjustments=adjustments,
+    )
+    return cfg, settings
 
 
 def build_lazy_model(cfg):
-    """``cfg.model`` built on ``train.device``; a GN spec that cannot split a layer fails naming its field."""
+    """``cfg.model`` built on ``train.device``; a GN spec that cannot split a layer fails naming the layer and
+    the spec's field."""
     label_group_norm_sites(cfg.model)
-    return instantiate(cfg.model).to(cfg.train.device)
+    model = instantiate(cfg.model)
+    check_norm_sites(model)
+    return model.to(cfg.train.device)
 
 
 def evaluated_dataset_name(cfg):
@@ -124,7 +112,7 @@ def ddp_arguments(cfg):
     return {**arguments, **ddp_device_arguments(cfg.train.device)}
 
 
-def do_train(args, cfg, model):
+def do_train(args, cfg, model, preloaded=None):
     """Train ``model`` as detectron2's lazyconfig_train_net.py ``do_train`` does, with gn-det's peak-memory
     metric and the optimizer's parameter groups logged."""
     cfg.optimizer.params.model = model
@@ -134,7 +122,7 @@ def do_train(args, cfg, model):
 
     model = create_ddp_model(model, **ddp_arguments(cfg))
     trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optimizer)
-    checkpointer = GNCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    checkpointer = GNCheckpointer(model, cfg.train.output_dir, trainer=trainer, preloaded=preloaded)
     main = comm.is_main_process()
     trainer.register_hooks([
         hooks.IterationTimer(),
@@ -153,30 +141,10 @@ def do_train(args, cfg, model):
     return trainer
 
 
-def train_or_evaluate_lazy(args):
-    """tools/train_net.py's body for a LazyConfig, run in every process by detectron2's ``launch``."""
-    register_datasets(args.dataset)
-    cfg = load_lazy_config(args.config_file, args.opts)
-    check_lazy_config(cfg, args.config_file, args.eval_only)
-    device_change = use_available_device(cfg)
-    # the model is built before default_setup writes config.yaml, so a bad group setting leaves an earlier
-    # run's files as they were; default_setup's seeding, done first for the same initial weights
-    seed = OmegaConf.select(cfg, "train.seed", default=-1)
-    seed_all_rng(None if seed < 0 else seed + comm.get_rank())
-    model = build_lazy_model(cfg)
-    what, path = weights_to_load(cfg.train.output_dir, cfg.train.init_checkpoint, args.resume,
-                                 "train.init_checkpoint")
-    if path is not None:
-        read_checkpoint(path, what)  # a missing or unreadable file is one line, before anything is written
-    default_setup(cfg, args)
-    setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="gn_det", abbrev_name="gn_det")
-    if device_change:
-        logger.info(device_change)
-    logger.info("Model:\n%s", model)
-    if args.eval_only:
-        GNCheckpointer(model, save_dir=cfg.train.output_dir).resume_or_load(
-            cfg.train.init_checkpoint, resume=args.resume
-        )
+def run_lazy(plan, args):
+    """Train or evaluate a LazyConfig's :class:`~gn_det.engine.run.RunPlan` (its output folder set up)."""
+    cfg, model = plan.cfg, plan.model
+    if args.eval_only:  # its weights were loaded by the plan
         return do_test(cfg, create_ddp_model(model, **ddp_arguments(cfg)))
-    do_train(args, cfg, model)
+    do_train(args, cfg, model, plan.preloaded)
     return None

@@ -1,7 +1,6 @@
 """gn-det's trainer: detectron2's DefaultTrainer with the paper's optimizer recipe, COCO evaluation,
 results written as JSON, and CPU-friendly distributed training."""
 import contextlib
-import functools
 import logging
 import os
 import resource
@@ -10,11 +9,11 @@ import weakref
 import torch
 
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer, HookBase
-from detectron2.engine import defaults as d2_defaults
+from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase, SimpleTrainer, create_ddp_model
 from detectron2.engine.train_loop import TrainerBase
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from gn_det.checkpoint.reader import GNCheckpointer
 from gn_det.data import CheckedDatasetMapper
@@ -52,25 +51,6 @@ def ddp_device_arguments(device):
     model gets ``device_ids=None``. Other devices keep detectron2's default (no argument).
     """
     return {"device_ids": None} if torch.device(device).type == "cpu" else {}
-
-
-@contextlib.contextmanager
-def ddp_for_device(device):
-    """While DefaultTrainer.__init__ runs: DDP wraps the model with :func:`ddp_device_arguments`.
-
-    The name DefaultTrainer.__init__ calls is bound to detectron2's ``create_ddp_model`` with those arguments for
-    as long as it runs; everything else of the construction stays detectron2's.
-    """
-    arguments = ddp_device_arguments(device)
-    if not arguments:
-        yield
-        return
-    original = d2_defaults.create_ddp_model
-    d2_defaults.create_ddp_model = functools.partial(original, **arguments)
-    try:
-        yield
-    finally:
-        d2_defaults.create_ddp_model = original
 
 
 def log_input_errors_in_one_line(record):
@@ -113,17 +93,36 @@ class GNTrainer(DefaultTrainer):
     a NaN/Inf loss is an InputError naming the iteration.
     """
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, model=None, preloaded=None):
+        """``model``: the model the run's set-up built and checked (built here when None); ``preloaded``: the
+        weights file the set-up already read, ``{local path: its content}`` (:class:`GNCheckpointer`).
+
+        The body follows ``DefaultTrainer.__init__`` (detectron2/engine/defaults.py), which always builds the
+        model itself and gives ``create_ddp_model`` no ``device_ids``; here a CPU model gets
+        :func:`ddp_device_arguments`, and the checkpointer is gn-det's (nothing in a weights file runs).
+        """
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):  # setup_logger is not called for d2
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         if cfg.MODEL.PRECISION == "fp16" and not cfg.SOLVER.AMP.ENABLED:
-            # fp16 trains with a gradient scaler: DefaultTrainer builds detectron2's AMPTrainer for AMP.ENABLED
+            # fp16 trains with a gradient scaler: detectron2's AMPTrainer, which SOLVER.AMP.ENABLED selects
             cfg = cfg.clone()
             cfg.defrost()
             cfg.SOLVER.AMP.ENABLED = True
             cfg.freeze()
-        with ddp_for_device(cfg.MODEL.DEVICE):
-            super().__init__(cfg)
-        # resume_or_load reads through gn-det's checkpointer: nothing in a weights file runs
-        self.checkpointer = GNCheckpointer(self.checkpointer.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        model = self.build_model(cfg) if model is None else model
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model(model, broadcast_buffers=False, **ddp_device_arguments(cfg.MODEL.DEVICE))
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = GNCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self),
+                                           preloaded=preloaded)
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
 
     def build_hooks(self):
         hooks = super().build_hooks()

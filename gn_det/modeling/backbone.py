@@ -1,30 +1,33 @@
-"""Registered ResNet backbones (C4 and FPN, depths 18-152) whose every norm comes from gn-det's factory.
+"""Registered ResNet backbones (C4 and FPN, depths 18-152) whose "GN" norms follow ``MODEL.GN``.
 
-They are detectron2's own builders given norm factories, so modules and parameter names are exactly
-detectron2's: Detectron/detectron2 checkpoints (``*_gn_s``/``*_gn_b`` Caffe2 blobs included) load as usual.
+They are detectron2's own builders given a config whose "GN" keys hold gn-det's GroupNormSpec, so modules and
+parameter names are exactly detectron2's: Detectron/detectron2 checkpoints (``*_gn_s``/``*_gn_b`` Caffe2 blobs
+included) load as usual.
 """
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.fpn import build_resnet_fpn_backbone, build_retinanet_resnet_fpn_backbone
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
 
-from .norm_sites import finish_norm_sites, with_norm_factories
+from .norm_sites import finish_norm_sites, with_gn_specs
+
+
+def _gn_built(build, cfg, input_shape):
+    return finish_norm_sites(build(with_gn_specs(cfg), input_shape), cfg.MODEL.GN.WS, "backbone")
 
 
 @BACKBONE_REGISTRY.register()
 def build_gn_resnet_backbone(cfg, input_shape):
     """ResNet (C4 models use it with ``Res5ROIHeads``); norm from ``MODEL.RESNETS.NORM``."""
-    return finish_norm_sites(build_resnet_backbone(with_norm_factories(cfg), input_shape), cfg, "backbone")
+    return _gn_built(build_resnet_backbone, cfg, input_shape)
 
 
 @BACKBONE_REGISTRY.register()
 def build_gn_resnet_fpn_backbone(cfg, input_shape):
     """ResNet + FPN with P6 by max-pool (Mask R-CNN); FPN lateral/output convs take ``MODEL.FPN.NORM``."""
-    return finish_norm_sites(build_resnet_fpn_backbone(with_norm_factories(cfg), input_shape), cfg, "backbone")
+    return _gn_built(build_resnet_fpn_backbone, cfg, input_shape)
 
 
 @BACKBONE_REGISTRY.register()
 def build_gn_retinanet_resnet_fpn_backbone(cfg, input_shape):
     """ResNet + FPN with P6/P7 convs (RetinaNet)."""
-    return finish_norm_sites(
-        build_retinanet_resnet_fpn_backbone(with_norm_factories(cfg), input_shape), cfg, "backbone"
-    )
+    return _gn_built(build_retinanet_resnet_fpn_backbone, cfg, input_shape)

@@ -1,8 +1,9 @@
 """Registered heads whose convs take the configured norm, and that build the CPU fast path's pieces.
 
-Each is a thin subclass of the detectron2 head it names: ``from_config`` hands the parent a config whose norm
-keys hold gn-det factories, and the built head is checked (and given GN+WS convs when ``MODEL.GN.WS``) the
-same way as the backbones. Parameter names are the parent's. With ``MODEL.CPU_FAST_PATH`` they are built with
+Each is a thin subclass of the detectron2 head it names: ``from_config`` hands the parent a config whose "GN"
+keys hold gn-det's GroupNormSpec, and the built head is checked (and given GN+WS convs with ``ws``, from
+``MODEL.GN.WS``) the same way as the backbones. Their constructors take plain arguments (``ws``, ``cpu_fast_path``,
+norms as names or specs), so each can be named in a Python config too. Parameter names are the parent's. With ``MODEL.CPU_FAST_PATH`` they are built with
 the pieces of ``gn_det.cpu`` (poolers, box predictor, chunked CPU inference, in-place CPU ReLUs); without it
 they compute exactly as their parents.
 """
@@ -21,13 +22,13 @@ from detectron2.modeling.roi_heads.roi_heads import Res5ROIHeads, StandardROIHea
 from ..cpu import (INFERENCE_CHUNK_BYTES, CPUInplaceReLU, LayoutPreservingROIPooler, RoIChunkedInference,
                    TopScoresFirstOutputLayers, cpu_fast_path, use_cpu_inplace_relus)
 from .meta_arch import PrecisionLayoutMixin
-from .norm_sites import finish_norm_sites, with_norm_factories
+from .norm_sites import finish_norm_sites, with_gn_specs
 
 
 class _ConfiguredNormHead:
-    """Mixin for a per-RoI head: the parent is built from a config with norm factories, then finished like a
-    backbone; ``cpu_fast_path`` (``MODEL.CPU_FAST_PATH``) builds it with in-place CPU ReLUs and chunked CPU
-    inference.
+    """Mixin for a per-RoI head: the parent is built with gn-det's GroupNormSpec for "GN", then finished like a
+    backbone (``ws``: GN+WS convs); ``cpu_fast_path`` (``MODEL.CPU_FAST_PATH``) builds it with in-place CPU
+    ReLUs and chunked CPU inference.
 
     ``site`` is the head's path inside a GeneralizedRCNN, used in error messages.
     """
@@ -36,16 +37,16 @@ class _ConfiguredNormHead:
 
     @classmethod
     def from_config(cls, cfg, input_shape):
-        ret = super().from_config(with_norm_factories(cfg), input_shape)
-        ret["gn_cfg"] = cfg
+        ret = super().from_config(with_gn_specs(cfg), input_shape)
+        ret["ws"] = cfg.MODEL.GN.WS
         ret["cpu_fast_path"] = cpu_fast_path(cfg)
         ret["inference_chunk_bytes"] = INFERENCE_CHUNK_BYTES if ret["cpu_fast_path"] else 0
         return ret
 
     @configurable
-    def __init__(self, *, gn_cfg, cpu_fast_path=False, **kwargs):
+    def __init__(self, *, ws=False, cpu_fast_path=False, **kwargs):
         super().__init__(**kwargs)
-        finish_norm_sites(self, gn_cfg, self.site)
+        finish_norm_sites(self, ws, self.site)
         if cpu_fast_path:
             use_cpu_inplace_relus(self)
 
@@ -86,6 +87,8 @@ class GNStandardROIHeads(StandardROIHeads):
     ``MODEL.CPU_FAST_PATH``, the CPU fast path's: LayoutPreservingROIPooler and TopScoresFirstOutputLayers.
     Without it, exactly StandardROIHeads."""
 
+    builds_cpu_fast_path = True  # read by gn_det.config's check of MODEL.CPU_FAST_PATH, through the registry
+
     @classmethod
     def _init_box_head(cls, cfg, input_shape):
         ret = super()._init_box_head(cfg, input_shape)
@@ -107,6 +110,8 @@ class GNRes5ROIHeads(RoIChunkedInference, Res5ROIHeads):
     (detectron2's own would build a fixed 32-group ``nn.GroupNorm``). With ``MODEL.CPU_FAST_PATH`` its pooler
     and box predictor are the CPU fast path's and CPU inference runs res5 on chunks of RoIs."""
 
+    builds_cpu_fast_path = True
+
     @classmethod
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
@@ -122,8 +127,8 @@ class GNRes5ROIHeads(RoIChunkedInference, Res5ROIHeads):
 
     @classmethod
     def _build_res5_block(cls, cfg):
-        res5, out_channels = super()._build_res5_block(with_norm_factories(cfg))
-        return finish_norm_sites(res5, cfg, "roi_heads.res5"), out_channels
+        res5, out_channels = super()._build_res5_block(with_gn_specs(cfg))
+        return finish_norm_sites(res5, cfg.MODEL.GN.WS, "roi_heads.res5"), out_channels
 
 
 @RPN_HEAD_REGISTRY.register()
@@ -136,19 +141,18 @@ class GNRPNHead(StandardRPNHead):
     """
 
     @configurable
-    def __init__(self, *, conv_norm="", gn_cfg=None, cpu_fast_path=False, **kwargs):
+    def __init__(self, *, conv_norm="", ws=False, cpu_fast_path=False, **kwargs):
         # read by _get_rpn_conv, which the parent's __init__ calls
         self._conv_norm = conv_norm
         self._activation = CPUInplaceReLU if cpu_fast_path else nn.ReLU
         super().__init__(**kwargs)
-        if gn_cfg is not None:
-            finish_norm_sites(self, gn_cfg, "proposal_generator.rpn_head")
+        finish_norm_sites(self, ws, "proposal_generator.rpn_head")
 
     @classmethod
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
-        ret["conv_norm"] = with_norm_factories(cfg).MODEL.RPN.NORM
-        ret["gn_cfg"] = cfg
+        ret["conv_norm"] = with_gn_specs(cfg).MODEL.RPN.NORM
+        ret["ws"] = cfg.MODEL.GN.WS
         ret["cpu_fast_path"] = cpu_fast_path(cfg)
         return ret
 
@@ -166,15 +170,6 @@ class GNRetinaNet(PrecisionLayoutMixin, RetinaNet):
 
     @classmethod
     def from_config(cls, cfg):
-        ret = super().from_config(with_norm_factories(cfg))
-        finish_norm_sites(ret["head"], cfg, "head")
+        ret = super().from_config(with_gn_specs(cfg))
+        finish_norm_sites(ret["head"], cfg.MODEL.GN.WS, "head")
         return ret
-
-
-def builds_cpu_fast_path(roi_heads):
-    """Whether the registered ROI heads named ``roi_heads`` build the CPU fast path: gn-det's ROI heads and
-    every subclass of them."""
-    try:
-        return issubclass(ROI_HEADS_REGISTRY.get(roi_heads), (GNStandardROIHeads, GNRes5ROIHeads))
-    except KeyError:  # not registered: build_model names it
-        return False

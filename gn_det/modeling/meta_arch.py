@@ -59,6 +59,8 @@ class PrecisionLayoutMixin:
     layout oneDNN and cuDNN convolutions run fastest on. Nothing else: the modules are those the config built.
     """
 
+    honours_precision_switches = True  # read by gn_det.config's check of the switches, through the registry
+
     @classmethod
     def from_config(cls, cfg):
         ret = super().from_config(cfg)
@@ -94,15 +96,6 @@ class PrecisionLayoutMixin:
         if self.channels_last:
             images.tensor = images.tensor.contiguous(memory_format=torch.channels_last)
         return images
-
-
-def honours_switches(meta_architecture):
-    """Whether the registered meta-architecture named ``meta_architecture`` applies ``MODEL.PRECISION`` and
-    ``MODEL.CHANNELS_LAST``: gn-det's meta-architectures and every subclass of them."""
-    try:
-        return issubclass(META_ARCH_REGISTRY.get(meta_architecture), PrecisionLayoutMixin)
-    except KeyError:  # not registered: build_model names it
-        return False
 
 
 @META_ARCH_REGISTRY.register()

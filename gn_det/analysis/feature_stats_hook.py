@@ -16,17 +16,16 @@ from detectron2.engine import HookBase
 from detectron2.layers import Conv2d
 from detectron2.utils import comm
 
-from gn_det.analysis.feature_stats import (
+from gn_det.engine import GNTrainer, train_or_evaluate
+from gn_det.errors import InputError
+
+from .feature_stats import (
     FEATURE_STATS_FILE,
     PERCENTILES,
     feature_percentiles,
     read_feature_stats,
     write_feature_stats,
 )
-from gn_det.errors import InputError
-
-from .setup import train_or_evaluate
-from .trainer import GNTrainer
 
 WHERE = ("output", "input")
 
@@ -153,10 +152,10 @@ class FeatureStatsHook(HookBase):
 class FeatureStatsTrainer(GNTrainer):
     """GNTrainer that also records a layer's feature distribution (:class:`FeatureStatsHook`)."""
 
-    def __init__(self, cfg, layer=None, where=None, period=10):
+    def __init__(self, cfg, model=None, preloaded=None, layer=None, where=None, period=10):
         # GNTrainer.__init__ builds the hooks, so the hook must exist before it runs
         self._feature_stats_hook = FeatureStatsHook(cfg.OUTPUT_DIR, layer, where, period)
-        super().__init__(cfg)
+        super().__init__(cfg, model, preloaded)
 
     def build_hooks(self):
         # first: its after_step ends the capture before EvalHook/PreciseBN run their forward passes

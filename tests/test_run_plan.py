@@ -1,0 +1,203 @@
+"""One run plan for both config systems: the same mistake gives the same one-line answer from a YAML config and
+from a Python config, before anything is written; the model is built once; detectron2's RNG sequence is kept;
+every gn-det head and ROI-heads class can be named in a Python config."""
+import os
+
+import pytest
+
+pytest.importorskip("detectron2")
+
+import torch  # noqa: E402
+
+from conftest import CONFIG_DIR  # noqa: E402
+from gn_det.engine import argument_parser, plan_run  # noqa: E402
+from gn_det.engine.run import check_run  # noqa: E402
+from gn_det.errors import InputError  # noqa: E402
+
+GN_YAML = os.path.join(CONFIG_DIR, "shapes", "mask_rcnn_R_18_FPN_gn.yaml")
+GN_PY = os.path.join(CONFIG_DIR, "shapes", "mask_rcnn_R_18_FPN_gn.py")
+
+# The same setting in each system's own keys: (YAML KEY VALUE pairs, Python key=value overrides).
+SETTINGS = {
+    "tiny": (["SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0", "MODEL.DEVICE", "cpu"],
+             ["dataloader.train.total_batch_size=2", "dataloader.train.num_workers=0", "train.device=cpu"]),
+    "amp": (["SOLVER.AMP.ENABLED", "True"], ["train.amp.enabled=True"]),
+    "batch3": (["SOLVER.IMS_PER_BATCH", "3"], ["dataloader.train.total_batch_size=3"]),
+    "syncbn": (["MODEL.FPN.NORM", "SyncBN"], ["model.backbone.norm=SyncBN"]),
+    "groups48": (["MODEL.GN.NUM_GROUPS", "48"], ["model.backbone.norm.num_groups=48"]),
+}
+
+
+def args_for(system, dataset, out, *cases, weights=None, eval_only=False):
+    """train_net's parsed arguments for the shapes config of ``system`` ("yaml"/"python") on ``dataset``."""
+    pick = 0 if system == "yaml" else 1
+    opts = [item for case in ("tiny",) + cases for item in SETTINGS[case][pick]]
+    train, val = dataset
+    if system == "yaml":
+        opts += ["DATASETS.TRAIN", f"('{train}',)", "DATASETS.TEST", f"('{val}',)", "OUTPUT_DIR", str(out)]
+        if weights is not None:
+            opts += ["MODEL.WEIGHTS", weights]
+        config = GN_YAML
+    else:
+        opts += [f"dataloader.train.dataset.names={train}", f"dataloader.test.dataset.names={val}",
+                 f"train.output_dir={out}"]
+        if weights is not None:
+            opts += [f"train.init_checkpoint={weights}"]
+        config = GN_PY
+    return argument_parser().parse_args(["--config-file", config, *(["--eval-only"] if eval_only else []), *opts])
+
+
+@pytest.fixture(scope="module")
+def dataset(tiny_dataset_specs):
+    from gn_det.data import register_datasets
+
+    return tuple(register_datasets(spec.partition("=")[2] for spec in tiny_dataset_specs))
+
+
+SYSTEMS = ["yaml", "python"]
+
+
+def refused(args, match):
+    with pytest.raises(InputError, match=match) as err:
+        plan_run(args)
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("system", SYSTEMS)
+def test_amp_on_cpu_is_one_line(system, dataset, tmp_path):
+    refused(args_for(system, dataset, tmp_path / "out", "amp"), r"(SOLVER\.AMP\.ENABLED|train\.amp\.enabled)=True "
+            r"needs CUDA \(detectron2's AMPTrainer, fp16\); on CPU switch it off")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("system", SYSTEMS)
+def test_batch_and_syncbn_against_two_processes(system, dataset, tmp_path):
+    from gn_det.engine.lazy_train import load_lazy_run_config
+    from gn_det.engine.run import load_yaml_config
+
+    load = load_yaml_config if system == "yaml" else load_lazy_run_config
+    _, settings = load(args_for(system, dataset, tmp_path, "batch3"))
+    with pytest.raises(InputError, match=r"=3 must be a positive multiple of the number of processes \(2\)$"):
+        check_run(settings, 2, training=True)
+    _, settings = load(args_for(system, dataset, tmp_path, "syncbn"))
+    check_run(settings, 1, training=True)  # one process: torch's SyncBatchNorm is plain BN
+    with pytest.raises(InputError, match=r"='SyncBN' needs CUDA with 2 processes .* use 'naiveSyncBN'"):
+        check_run(settings, 2, training=True)
+
+
+@pytest.mark.parametrize("system", SYSTEMS)
+def test_unsplittable_groups_name_the_layer_and_the_key(system, dataset, tmp_path):
+    key = r"MODEL\.GN\.NUM_GROUPS" if system == "yaml" else r"model\.backbone\.norm\.num_groups"
+    refused(args_for(system, dataset, tmp_path / "out", "groups48"),
+            rf"^backbone\.fpn_lateral2\.norm: 128 channels cannot be split into groups by {key}=48$")
+
+
+@pytest.mark.parametrize("system", SYSTEMS)
+def test_missing_weights_and_dataset_files_are_one_line(system, dataset, tmp_path):
+    key = "MODEL.WEIGHTS" if system == "yaml" else "train.init_checkpoint"
+    refused(args_for(system, dataset, tmp_path / "out", weights=str(tmp_path / "none.pth")),
+            rf"^{key} {tmp_path}/none\.pth does not exist$")
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    gone = "gone_val"
+    if gone not in DatasetCatalog.list():
+        DatasetCatalog.register(gone, lambda: [])
+        MetadataCatalog.get(gone).set(json_file="/nonexistent/gone.json", image_root="/nonexistent")
+    key = "DATASETS.TEST" if system == "yaml" else r"dataloader\.test\.dataset\.names"
+    refused(args_for(system, (dataset[0], gone), tmp_path / "out"),
+            rf"{key} dataset 'gone_val': json_file /nonexistent/gone\.json does not exist")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("system", SYSTEMS)
+def test_weights_that_do_not_fit_are_refused_for_evaluation_only(system, dataset, tmp_path):
+    """Evaluation needs every parameter: a BN*-model checkpoint for a GN model names the file and the first
+    missing parameter; the same file may initialise training (detectron2 logs what it did not fill)."""
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    from gn_det.config import get_gn_cfg
+
+    bnstar = build_model(get_gn_cfg(os.path.join(CONFIG_DIR, "shapes", "mask_rcnn_R_18_FPN_bnstar.yaml"),
+                                    ["MODEL.DEVICE", "cpu"]))
+    DetectionCheckpointer(bnstar, str(tmp_path)).save("bnstar")
+    weights = str(tmp_path / "bnstar.pth")
+    refused(args_for(system, dataset, tmp_path / "out", weights=weights, eval_only=True),
+            rf"^weights file {weights} does not fit the model: \S+ is (missing|not in the model)")
+    plan = plan_run(args_for(system, dataset, tmp_path / "out", weights=weights))
+    assert plan.preloaded  # read once, handed to the trainer's checkpointer
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_is_built_once_and_rng_sequence_is_detectron2s(dataset, tmp_path, monkeypatch):
+    """plan_run builds the model after seeding as default_setup does and restores the post-build RNG state
+    after default_setup: the same initial weights and the same next random numbers as stock detectron2's
+    default_setup + DefaultTrainer, which builds the model itself."""
+    from detectron2.engine import DefaultTrainer, default_setup
+
+    from gn_det.engine import GNTrainer
+    from gn_det.engine.run import set_rng_state
+
+    args = args_for("yaml", dataset, tmp_path / "ours", "tiny")
+    args.opts += ["SEED", "7", "MODEL.PRECISION", "fp32", "MODEL.CHANNELS_LAST", "False", "MODEL.CPU_FAST_PATH",
+                  "False", "SOLVER.MAX_ITER", "1"]
+    builds = []
+    plan = plan_run(args)
+    default_setup(plan.cfg, args)
+    set_rng_state(plan.rng_state)
+    monkeypatch.setattr(GNTrainer, "build_model", classmethod(lambda cls, cfg: builds.append(cfg)))
+    ours = GNTrainer(plan.cfg, plan.model, plan.preloaded)
+    assert builds == []  # the plan's model, not a second build
+    ours_next = torch.rand(4)
+
+    cfg = plan.cfg.clone()
+    cfg.defrost()
+    cfg.OUTPUT_DIR = str(tmp_path / "stock")
+    cfg.freeze()
+    default_setup(cfg, args)
+    stock = DefaultTrainer(cfg)
+    stock_next = torch.rand(4)
+    assert torch.equal(ours_next, stock_next)
+    for (name, a), b in zip(ours.model.state_dict().items(), stock.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_every_gn_det_head_and_roi_heads_class_builds_from_a_python_config():
+    """Plain constructor arguments: each registered head and ROI-heads class is a LazyCall target."""
+    from detectron2 import model_zoo
+    from detectron2.config import LazyCall as L
+    from detectron2.config import instantiate
+    from detectron2.layers import ShapeSpec
+
+    import gn_det
+    from gn_det.modeling.heads import GNConvFCHead, GNMaskHead, GNRes5ROIHeads, GNRPNHead, GNStandardROIHeads
+    from gn_det.modeling.meta_arch import GNGeneralizedRCNN
+
+    box = instantiate(L(GNConvFCHead)(input_shape=ShapeSpec(channels=64, height=7, width=7), conv_dims=[64] * 4,
+                                      fc_dims=[128], conv_norm=gn_det.GN(num_groups=16), ws=True))
+    assert box.conv1.norm.num_groups == 16 and type(box.conv1).__name__ == "WSConv2d"
+    mask = instantiate(L(GNMaskHead)(input_shape=ShapeSpec(channels=64, height=14, width=14), num_classes=3,
+                                     conv_dims=[64] * 5, conv_norm=gn_det.GN(dim_per_group=16)))
+    assert mask.mask_fcn1.norm.num_groups == 4
+    rpn = instantiate(L(GNRPNHead)(in_channels=64, num_anchors=3, conv_norm=gn_det.GN(num_groups=8),
+                                   cpu_fast_path=True))
+    assert rpn.conv.norm.num_groups == 8 and type(rpn.conv.activation).__name__ == "CPUInplaceReLU"
+
+    fpn = model_zoo.get_config("common/models/mask_rcnn_fpn.py").model
+    fpn._target_ = GNGeneralizedRCNN
+    fpn.roi_heads._target_ = GNStandardROIHeads
+    fpn.roi_heads.box_head._target_ = GNConvFCHead
+    fpn.roi_heads.mask_head._target_ = GNMaskHead
+    fpn.proposal_generator.head._target_ = GNRPNHead
+    fpn.backbone.bottom_up.stages.depth = 18
+    del fpn.backbone.bottom_up.stages.stride_in_1x1
+    gn_det.lazy.set_norm(fpn, gn_det.GN(num_groups=32))
+    model = instantiate(fpn)
+    assert type(model.roi_heads.box_head).__name__ == "GNConvFCHead"
+    assert type(model.proposal_generator.rpn_head.conv.norm).__name__ == "GroupNorm"
+
+    c4 = model_zoo.get_config("common/models/mask_rcnn_c4.py").model
+    c4.roi_heads._target_ = GNRes5ROIHeads
+    gn_det.lazy.set_norm(c4, gn_det.GN(num_groups=16))
+    assert instantiate(c4).roi_heads.res5[0].conv1.norm.num_groups == 16
