@@ -72,9 +72,10 @@ def add_gn_config(cfg):
     # --- Data. COCO-format datasets registered without code, each "NAME=JSON_FILE,IMAGE_DIR"
     # (the same as train_net.py's repeatable --dataset flag). Names can then be used in DATASETS.TRAIN/TEST.
     cfg.DATASETS.REGISTER = []
-    # A training image that cannot be decoded (truncated, corrupt) stops training with one line naming it
-    # (False), or is skipped with a warning naming it and counting the skips, another image taking its place
-    # (True). Evaluation never skips: its metrics would silently cover fewer images.
+    # A training image that cannot be decoded (truncated, corrupt) or whose decoded size is not the one its JSON
+    # entry gives stops training with one line naming it and its dataset (False), or is skipped with a warning
+    # naming it and counting the skips, another image taking its place (True). Evaluation never skips: its
+    # metrics would silently cover fewer images.
     cfg.DATALOADER.SKIP_UNDECODABLE_IMAGES = False
 
     # --- Linear LR scaling (Goyal et al., 2017; the paper's Sec. 4 recipe for other batch sizes).

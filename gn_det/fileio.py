@@ -62,17 +62,26 @@ class AtomicWrites:
         return getattr(self._path_manager, name)
 
 
-def read_json(path, what="JSON file"):
-    """The JSON value in ``path``; an InputError naming ``what`` and the file when it is missing, a folder,
-    unreadable, not UTF-8 text or not JSON. The one reader of JSON input (datasets, runs' results, COCO files)."""
+def read_input_file(path, what):
+    """The bytes of the input file ``path``; an InputError naming ``what`` and the file when it is missing, a
+    folder or unreadable. Every checked reader of a kind of file (JSON here, weights in
+    :mod:`gn_det.checkpoint.reader`) starts from it."""
     if os.path.isdir(path):
         raise InputError(f"{what} {path} is a folder, not a file")
     if not os.path.isfile(path):
         raise InputError(f"{what} {path} does not exist")
     try:
         with open(path, "rb") as f:
-            return json.load(f)
+            return f.read()
     except OSError as err:
         raise InputError(f"{what} {path} cannot be read ({err.strerror})") from None
+
+
+def read_json(path, what="JSON file"):
+    """The JSON value in ``path``; an InputError naming ``what`` and the file when it is missing, a folder,
+    unreadable, not UTF-8 text or not JSON. The one reader of JSON input (datasets, runs' results, COCO files)."""
+    data = read_input_file(path, what)
+    try:
+        return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"{what} {path} is not valid JSON ({' '.join(str(err).split())[:160]})") from None
+        raise InputError(f"{what} {path} is not valid JSON: {' '.join(str(err).split())[:160]}") from None

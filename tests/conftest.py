@@ -1,4 +1,6 @@
 import os
+import runpy
+import sys
 
 import pytest
 
@@ -9,6 +11,23 @@ BNSTAR_FPN = os.path.join(CONFIG_DIR, "COCO-InstanceSegmentation", "mask_rcnn_R_
 # Small enough for a 2-core CPU: R-18, no pretrained weights, CPU.
 TINY_OPTS = ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", "18",
              "MODEL.RESNETS.RES2_OUT_CHANNELS", "64"]
+
+
+def tool_exit_message(tool, *args):
+    """Run ``tools/TOOL`` in this process (its ``main`` under ``sys.argv``) and return its exit message: the
+    ``TOOL: error: ...`` line of a bad input. Any other exception propagates with its traceback, and a tool
+    that does not exit fails the test. Faster than a subprocess; each tool's printed format is checked in one
+    subprocess test (tests/test_boundaries.py)."""
+    argv = sys.argv
+    sys.argv = [tool, *map(str, args)]
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            runpy.run_path(os.path.join(REPO, "tools", tool), run_name="__main__")
+    finally:
+        sys.argv = argv
+    message = exit_.value.code
+    assert isinstance(message, str) and message.startswith(f"{tool}: error: ") and "\n" not in message, message
+    return message
 
 
 @pytest.fixture(scope="session")

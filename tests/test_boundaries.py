@@ -7,7 +7,6 @@ The tools run in-process (their ``main`` under ``sys.argv``), so any exception o
 exit fails the test with its traceback; ``test_printed_format_per_tool`` checks the printed line of each tool
 in a subprocess."""
 import os
-import runpy
 import shutil
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import pytest
 
 pytest.importorskip("detectron2")
 
-from conftest import CONFIG_DIR, REPO  # noqa: E402
+from conftest import CONFIG_DIR, REPO, tool_exit_message  # noqa: E402
 
 GN_YAML = os.path.join(CONFIG_DIR, "shapes", "mask_rcnn_R_18_FPN_gn.yaml")
 GN_PY = os.path.join(CONFIG_DIR, "shapes", "mask_rcnn_R_18_FPN_gn.py")
@@ -119,17 +118,9 @@ def corrupt(kind, original, is_folder, target):
 KINDS = ["empty", "truncated", "random", "other_type", "folder", "file_for_folder", "unreadable"]
 
 
-def run_in_process(tool, argv, monkeypatch):
-    """The tool's one-line exit message, or fail (another exception propagates with its traceback)."""
-    monkeypatch.setattr(sys, "argv", [tool, *argv])
-    with pytest.raises(SystemExit) as exit_:
-        runpy.run_path(os.path.join(REPO, "tools", tool), run_name="__main__")
-    return exit_.value.code
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("slot", list(SLOTS))
-def test_every_file_a_tool_reads_is_checked_at_its_boundary(slot, originals, tmp_path, monkeypatch):
+def test_every_file_a_tool_reads_is_checked_at_its_boundary(slot, originals, tmp_path):
     tool, kind_of_file, is_folder, argv = SLOTS[slot]
     original = originals[kind_of_file]
     suffix = "" if is_folder else os.path.splitext(original)[1]
@@ -140,9 +131,7 @@ def test_every_file_a_tool_reads_is_checked_at_its_boundary(slot, originals, tmp
         if path is None:
             continue
         out = tmp_path / f"out_{kind}"
-        message = run_in_process(tool, argv(path, originals, str(out)), monkeypatch)
-        assert isinstance(message, str), (slot, kind, message)
-        assert message.startswith(f"{tool}: error: ") and "\n" not in message, (slot, kind, message)
+        message = tool_exit_message(tool, *argv(path, originals, str(out)))
         assert path in message, (slot, kind, message)
         assert not out.exists(), (slot, kind, "wrote output")
         checked += 1

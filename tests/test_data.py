@@ -344,3 +344,26 @@ def test_real_coco_dataset_is_accepted(catalogs):
     register_coco_dataset(name, os.path.join(FRUITS_NUTS, "trainval.json"), os.path.join(FRUITS_NUTS, "images"))
     assert MetadataCatalog.get(name).thing_classes == ["date", "fig", "hazelnut"]
     assert len(DatasetCatalog.get(name)) == 18
+
+
+def test_an_image_of_another_size_than_its_json_entry_is_bad_input_or_skipped(tmp_path):
+    """Like an undecodable image: one line naming the image and dataset, or skipped under the config key."""
+    pytest.importorskip("detectron2")
+    from PIL import Image
+
+    from gn_det.config import get_gn_cfg
+    from gn_det.data import CheckedDatasetMapper, generate_shapes
+    from gn_det.errors import InputError
+    from detectron2.data.datasets import load_coco_json
+
+    generate_shapes(str(tmp_path), num_train=2, num_val=1, image_size=64)
+    records = load_coco_json(str(tmp_path / "train.json"), str(tmp_path / "train"), "resized")
+    Image.open(records[0]["file_name"]).resize((80, 64)).save(records[0]["file_name"])
+    cfg = get_gn_cfg(None, ["INPUT.MASK_FORMAT", "bitmask"])
+    mapper = CheckedDatasetMapper(cfg, is_train=True, dataset_names=["resized"])
+    with pytest.raises(InputError, match=rf"^image {records[0]['file_name']} of dataset 'resized' is 80x64 px, but "
+                                         r"the dataset says 64x64; replace the file"):
+        mapper(dict(records[0]))
+    skipping = CheckedDatasetMapper(cfg, is_train=True, dataset_names=["resized"], skip_undecodable=True)
+    assert skipping(dict(records[0])) is None and skipping.skipped == 1
+    assert skipping(dict(records[1])) is not None and skipping.skipped == 1

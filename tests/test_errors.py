@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("detectron2")
 
-from conftest import CONFIG_DIR, REPO, TINY_OPTS  # noqa: E402
+from conftest import CONFIG_DIR, REPO, TINY_OPTS, tool_exit_message  # noqa: E402
 from test_train import GN_SHAPES, SMALL, tiny_shapes  # noqa: E402,F401  (tiny_shapes: a fixture)
 
 from gn_det.data import generate_shapes  # noqa: E402
@@ -104,8 +104,8 @@ def test_each_bad_input_is_one_line_and_leaves_the_earlier_run_unchanged(tmp_pat
         # the tiny datasets and settings go first: the case's options override them
         flags = args[:2] + [a for a in args[2:] if a.startswith("--")]  # --config-file FILE, --dataset=...
         opts = [a for a in args[2:] if not a.startswith("--")]
-        proc = run_tool("train_net.py", *flags, *tiny_shapes, *TINY_OPTS, *SMALL, *opts, "OUTPUT_DIR", str(earlier_run))
-        line = one_line_error(proc, "train_net.py")
+        line = tool_exit_message("train_net.py", *flags, *tiny_shapes, *TINY_OPTS, *SMALL, *opts,
+                                 "OUTPUT_DIR", str(earlier_run))
         for text in expected:
             assert text in line, (case, line)
         assert file_hashes(earlier_run) == before, case
@@ -125,9 +125,8 @@ def test_resume_from_a_truncated_checkpoint_names_it(earlier_run, tiny_shapes, t
     shutil.copy(truncated_checkpoint, earlier_run / "model_0000009.pth")
     (earlier_run / "last_checkpoint").write_text("model_0000009.pth")
     before = file_hashes(earlier_run)
-    proc = run_tool("train_net.py", "--config-file", GN_SHAPES, "--resume", *tiny_shapes, *SMALL,
-                    "OUTPUT_DIR", str(earlier_run))
-    line = one_line_error(proc, "train_net.py")
+    line = tool_exit_message("train_net.py", "--config-file", GN_SHAPES, "--resume", *tiny_shapes, *SMALL,
+                             "OUTPUT_DIR", str(earlier_run))
     assert f"the last checkpoint {earlier_run / 'model_0000009.pth'} is not a readable checkpoint" in line
     assert file_hashes(earlier_run) == before
 
@@ -187,9 +186,8 @@ def test_syncbn_config_on_two_cpu_processes_stops_with_one_line(earlier_run):
 
 def test_feature_stats_tool_checks_its_layer_before_anything_is_written(earlier_run, tiny_shapes):
     before = file_hashes(earlier_run)
-    proc = run_tool("feature_stats.py", "train", "--config-file", GN_SHAPES, "--layer", "backbone.fpn_output9",
-                    *tiny_shapes, *SMALL, "OUTPUT_DIR", str(earlier_run))
-    line = one_line_error(proc, "feature_stats.py")
+    line = tool_exit_message("feature_stats.py", "train", "--config-file", GN_SHAPES, "--layer",
+                             "backbone.fpn_output9", *tiny_shapes, *SMALL, "OUTPUT_DIR", str(earlier_run))
     assert "the model has no module 'backbone.fpn_output9'" in line
     assert file_hashes(earlier_run) == before
 
@@ -214,7 +212,7 @@ def test_other_tools_end_bad_input_in_one_line(tmp_path):
         ("benchmark.py", ["--variants", "d2_gn_amp", "--device", "cpu"], ["d2_gn_amp", "needs --device cuda"]),
     ]
     for tool, args, expected in cases:
-        line = one_line_error(run_tool(tool, *args), tool)
+        line = tool_exit_message(tool, *args)
         for text in expected:
             assert text in line, (tool, line)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]  # nothing written by any of them

@@ -20,8 +20,8 @@ class Run:
         self.name = name or os.path.basename(os.path.normpath(output_dir))
         results_path = os.path.join(output_dir, "results.json")
         metrics_path = os.path.join(output_dir, "metrics.json")
-        if not os.path.isdir(output_dir):
-            raise InputError(f"{output_dir}: not a folder (a run's OUTPUT_DIR)")
+        if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+            raise InputError(f"{output_dir}: a file, not a folder (a run's OUTPUT_DIR)")
         if not os.path.exists(results_path) and not os.path.exists(metrics_path):
             raise InputError(f"{output_dir}: neither results.json nor metrics.json; is it a run's OUTPUT_DIR?")
         self.final = _final_results(results_path) if os.path.exists(results_path) else {}

@@ -16,7 +16,6 @@ A file that is missing, empty, truncated, not a weights file, or that names any 
 """
 import io
 import logging
-import os
 import pickle
 import zipfile
 from urllib.parse import urlparse
@@ -29,7 +28,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
 
 from gn_det.errors import InputError
-from gn_det.fileio import AtomicWrites
+from gn_det.fileio import AtomicWrites, read_input_file
 
 logger = logging.getLogger(__name__)
 
@@ -70,15 +69,7 @@ def read_weights(path, what="weights file"):
     """The object stored in the weights file ``path`` (a path or a URL detectron2's PathManager resolves),
     read without running any of its code; an InputError naming ``what`` and the file otherwise."""
     local = PathManager.get_local_path(path)
-    if os.path.isdir(local):
-        raise InputError(f"{what} {path} is a folder, not a weights file")
-    if not os.path.isfile(local):
-        raise InputError(f"{what} {path} does not exist")
-    try:
-        with open(local, "rb") as f:
-            data = f.read()
-    except OSError as err:
-        raise InputError(f"{what} {path} cannot be read ({err.strerror})") from None
+    data = read_input_file(local, what)
     if not data:
         raise InputError(f"{what} {path} is empty")
     try:
