@@ -147,3 +147,35 @@ def test_shared_verdict_comes_from_process_0(monkeypatch):
     with pytest.raises(InputError, match="dataset 'y': bad"):
         verdict.shared(bad, "the check")
     assert sent == [("ok", ["b"]), ("input error", "dataset 'y': bad")]
+
+
+def check_in_each_process(json_file, image_dir, record):
+    """Run by each process of a 2-process launch: the check once, noting which processes ran the full check."""
+    from detectron2.utils import comm
+
+    full_check = register.check_coco_dataset_verdict
+    rank = comm.get_rank()
+
+    def counted(*args):
+        open(os.path.join(record, f"checked_by_{rank}"), "w").close()
+        return full_check(*args)
+
+    register.check_coco_dataset_verdict = counted
+    classes = register.check_coco_dataset_once(json_file, image_dir, "tiny")
+    with open(os.path.join(record, f"classes_{rank}.json"), "w") as f:
+        json.dump(classes, f)
+
+
+@pytest.mark.slow
+def test_process_0_checks_for_a_distributed_run(tiny_coco, tmp_path):
+    from detectron2.engine import launch
+
+    json_file, image_dir = tiny_coco
+    for record in (tmp_path / "first", tmp_path / "again"):
+        record.mkdir()
+        launch(check_in_each_process, 2, dist_url="auto", args=(json_file, image_dir, str(record)))
+    assert sorted(os.listdir(tmp_path / "first")) == ["checked_by_0", "classes_0.json", "classes_1.json"]
+    assert sorted(os.listdir(tmp_path / "again")) == ["classes_0.json", "classes_1.json"]  # the cached verdict
+    for rank in (0, 1):
+        assert json.loads((tmp_path / "first" / f"classes_{rank}.json").read_text()) == ["class_1", "class_2",
+                                                                                          "class_3"]

@@ -26,6 +26,7 @@ import argparse
 import importlib.util
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -145,7 +146,8 @@ def dataset_size(json_file, image_dir):
 
 def install_first_iteration_hook():
     """Every DefaultTrainer (gn-det's too) built in this process gets a first hook that writes, at the end of
-    the first iteration, the seconds since ``$GN_DET_STARTUP_T0`` into ``$GN_DET_STARTUP_RECORD/rank<N>.json``."""
+    the first iteration, the seconds since ``$GN_DET_STARTUP_T0`` and the CPU seconds (user + system) of this
+    process into ``$GN_DET_STARTUP_RECORD/rank<N>.json``."""
     from detectron2.engine import DefaultTrainer, HookBase
     from detectron2.utils import comm
 
@@ -154,9 +156,10 @@ def install_first_iteration_hook():
             if self.trainer.iter != self.trainer.start_iter:
                 return
             seconds = time.time() - float(os.environ[T0_ENV])
+            usage = resource.getrusage(resource.RUSAGE_SELF)
             rank = comm.get_rank()
             with open(os.path.join(os.environ[RECORD_ENV], f"rank{rank}.json"), "w") as f:
-                json.dump({"rank": rank, "seconds": seconds}, f)
+                json.dump({"rank": rank, "seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime}, f)
 
     original = DefaultTrainer.build_hooks
     if getattr(original, "first_iteration_hook", False):
@@ -225,7 +228,9 @@ if __name__ in ("__main__", "__mp_main__"):  # the measured processes (launch's 
 # ---- the benchmark ----
 
 def run_once(side, processes, json_file, image_dir, workdir, cache_dir, config_file):
-    """Seconds from starting a fresh process to the end of the first iteration in the slowest process."""
+    """``(seconds, cpu_seconds)``: from starting a fresh process to the end of the first iteration in the slowest
+    process, and the CPU time the run's training processes used until then, summed (with 2 processes, without
+    the launching process's own, which is the same on both sides: imports and argument parsing)."""
     record = tempfile.mkdtemp(dir=workdir, prefix=f"{side}_{processes}p_")
     argv = ["--config-file", config_file, "--num-gpus", str(processes),
             "--dataset", f"{DATASET_NAME}={json_file},{image_dir}",
@@ -237,26 +242,27 @@ def run_once(side, processes, json_file, image_dir, workdir, cache_dir, config_f
     proc = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{side} with {processes} process(es) failed:\n{proc.stderr[-4000:]}")
-    times = []
+    ranks = []
     for rank in range(processes):
         with open(os.path.join(record, f"rank{rank}.json")) as f:
-            times.append(json.load(f)["seconds"])
+            ranks.append(json.load(f))
     with open(os.path.join(record, "log.txt"), "w") as f:
         f.write(proc.stdout + proc.stderr)
-    return max(times)
+    return max(r["seconds"] for r in ranks), sum(r["cpu_seconds"] for r in ranks)
 
 
 def load_average():
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
-def run_startup_benchmark(root, processes=(1, 2), repeats=2, sides=SIDES, on_result=print):
-    """Generate (or reuse) the set under ``root`` and time every side with every process count ``repeats``
-    times, alternating the sides within each round. Returns the report dict."""
+def run_startup_benchmark(root, processes=(1, 2), repeats=2, sides=SIDES, on_result=print, generate_kwargs=None):
+    """Generate (or reuse) the set under ``root`` (``generate_kwargs`` to :func:`generate_coco_scale`) and time
+    every side with every process count ``repeats`` times, alternating the sides within each round; each
+    result goes to ``on_result`` as it comes. Returns the report dict."""
     from detectron2 import model_zoo
 
     config_file = model_zoo.get_config_file(CONFIG)
-    json_file, image_dir = generate_coco_scale(root)
+    json_file, image_dir = generate_coco_scale(root, **(generate_kwargs or {}))
     with open(json_file, "rb") as f:  # the page cache holds the JSON for every side alike
         while f.read(1 << 24):
             pass
@@ -270,19 +276,22 @@ def run_startup_benchmark(root, processes=(1, 2), repeats=2, sides=SIDES, on_res
             cache_dir = tempfile.mkdtemp(dir=workdir, prefix="cache_")
             for side in sides:
                 load_before = load_average()
-                seconds = run_once(side, n, json_file, image_dir, workdir, cache_dir, config_file)
+                seconds, cpu_seconds = run_once(side, n, json_file, image_dir, workdir, cache_dir, config_file)
                 result = {"side": side, "processes": n, "round": repeat + 1, "seconds": round(seconds, 2),
-                          "load_before": load_before, "load_after": load_average()}
+                          "cpu_seconds": round(cpu_seconds, 2), "load_before": load_before,
+                          "load_after": load_average()}
                 report["runs"].append(result)
-                on_result(result)
+                if on_result is not None:
+                    on_result(result)
     return report
 
 
-def summary_rows(report):
-    """Per process count: every run's seconds per side, the medians and gn/stock ratios of the medians."""
+def summary_rows(report, clock="seconds"):
+    """Per process count: every run's ``clock`` ("seconds" or "cpu_seconds") per side, in run order, their
+    median and its ratio to stock's median."""
     rows = []
     for n in sorted({r["processes"] for r in report["runs"]}):
-        runs = {side: [r["seconds"] for r in report["runs"] if r["processes"] == n and r["side"] == side]
+        runs = {side: [r[clock] for r in report["runs"] if r["processes"] == n and r["side"] == side]
                 for side in SIDES}
         stock = statistics.median(runs["stock"]) if runs["stock"] else None
         row = [n]
@@ -297,11 +306,13 @@ def summary_rows(report):
     return rows
 
 
-def markdown_table(report):
+def markdown_table(report, clock="seconds"):
     from tabulate import tabulate
 
-    headers = ["processes", "stock detectron2 (s)", "gn-det, first start (s)", "gn-det, later start (s)"]
-    return tabulate(summary_rows(report), headers=headers, tablefmt="github")
+    unit = "s" if clock == "seconds" else "CPU s"
+    headers = ["processes", f"stock detectron2 ({unit})", f"gn-det, first start ({unit})",
+               f"gn-det, later start ({unit})"]
+    return tabulate(summary_rows(report, clock), headers=headers, tablefmt="github")
 
 
 def build_parser():
@@ -328,6 +339,7 @@ def main(argv):
     report["load_average_after"] = load_average()
     print(json.dumps(report["dataset"]))
     print(markdown_table(report))
+    print(markdown_table(report, clock="cpu_seconds"))
     if args.output:
         from gn_det.fileio import write_json_atomically
 
