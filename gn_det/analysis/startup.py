@@ -177,7 +177,6 @@ def stock_main(args):
     process of ``launch``."""
     import functools
 
-    from detectron2 import model_zoo
     from detectron2.config import get_cfg
     from detectron2.data.datasets import register_coco_instances
     from detectron2.engine import DefaultTrainer, default_setup
@@ -195,7 +194,6 @@ def stock_main(args):
     if comm.get_world_size() > 1 and cfg.MODEL.DEVICE == "cpu":
         # DDP of a CPU model takes no device_ids; detectron2's create_ddp_model passes them
         d2_defaults.create_ddp_model = functools.partial(d2_defaults.create_ddp_model, device_ids=None)
-    assert model_zoo  # imported as detectron2's train_net imports it
     trainer = DefaultTrainer(cfg)
     trainer.resume_or_load(resume=False)
     return trainer.train()
