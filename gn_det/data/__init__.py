@@ -6,6 +6,7 @@ dataset is generated into :func:`shapes_root` the first time detectron2 asks for
 from .mapper import CheckedDatasetMapper
 from .register import (
     check_coco_dataset,
+    check_coco_dataset_once,
     parse_dataset_spec,
     register_coco_dataset,
     register_datasets,
@@ -18,6 +19,7 @@ from .shapes import (
     SHAPES_CLASSES,
     SHAPES_SPLITS,
     SHAPES_VERSION,
+    cache_root,
     ensure_shapes,
     generate_shapes,
     shapes_root,

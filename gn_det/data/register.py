@@ -5,8 +5,14 @@ or a broken annotation file would otherwise surface only after the model is buil
 written. :func:`register_coco_dataset` reads the JSON and checks every referenced file up front and fails
 with one line naming the offender. ``DATASETS.REGISTER`` and train_net's ``--dataset`` flag both go through
 :func:`register_datasets`.
+
+At COCO scale the check costs about what detectron2's own parse of the JSON costs, so it is done once
+(:func:`check_coco_dataset_once`): by process 0 of a distributed run for all of them, and not again while the
+JSON and the image folders are unchanged (the verdict is cached in gn-det's cache folder).
 """
+import contextlib
 import functools
+import gc
 import json
 import logging
 import os
@@ -17,11 +23,14 @@ from detectron2.data.datasets import load_coco_json, register_coco_instances
 from gn_det.errors import InputError
 from gn_det.fileio import read_json
 
+from . import verdict
 from .shapes import SHAPES_CLASSES, SHAPES_SPLITS, ensure_shapes, shapes_root
 
 logger = logging.getLogger(__name__)
 
 DATASET_SPEC_SYNTAX = "NAME=JSON_FILE,IMAGE_DIR"
+# A verdict is cached only when the dataset's images lie in at most this many folders (each is stat-ed at start)
+MAX_FINGERPRINTED_FOLDERS = 1000
 
 
 def parse_dataset_spec(spec):
@@ -55,7 +64,7 @@ def register_coco_dataset(name, json_file, image_dir):
     json_file, image_dir = os.path.abspath(json_file), os.path.abspath(image_dir)
     if already_registered(name, json_file, image_dir):
         return
-    thing_classes = check_coco_dataset(json_file, image_dir, name)
+    thing_classes = check_coco_dataset_once(json_file, image_dir, name)
     register_coco_instances(name, {"thing_classes": thing_classes}, json_file, image_dir)
     logger.info("Registered dataset %r: %s, images in %s", name, json_file, image_dir)
 
@@ -74,6 +83,55 @@ def already_registered(name, json_file, image_dir):
     return True
 
 
+def check_coco_dataset_once(json_file, image_dir, name="dataset"):
+    """:func:`check_coco_dataset`, once per version of the files for every process and every start.
+
+    A passed check is cached (:mod:`gn_det.data.verdict`) under the JSON's absolute path, device, inode, size,
+    mtime and ctime (ns) and the image folder; the cached verdict holds for as long as every folder that holds
+    the dataset's images has the device, inode, mtime and ctime it had when checked (adding, removing or
+    renaming a file changes its folder's mtime and ctime). A check that relied on anything else (an image that
+    is a symlink, or found other than by listing its folder) is not cached. In a distributed run process 0
+    checks, or reads the verdict, for all processes. A failed check is never cached: it fails with the same
+    InputError every time.
+    """
+    json_file, image_dir = os.path.abspath(json_file), os.path.abspath(image_dir)
+
+    def check_or_reuse():
+        check_paths(json_file, image_dir, name)
+        try:
+            key = {"json_file": json_file, "json": fingerprint(json_file), "image_dir": image_dir}
+        except OSError:  # the file went away since check_paths: the check says so
+            return check_coco_dataset_verdict(json_file, image_dir, name)[0]
+        return verdict.cached(key, lambda: check_coco_dataset_verdict(json_file, image_dir, name),
+                              still_valid=folders_unchanged)
+
+    return verdict.shared(check_or_reuse, f"the check of dataset {name!r}")["thing_classes"]
+
+
+def fingerprint(path):
+    """What changes when the file or folder at ``path`` is replaced or its content (a folder's: its entries)
+    changes: device, inode, size, mtime and ctime in ns (a copy that keeps the mtime still gets a new ctime)."""
+    st = os.stat(path)
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def folders_unchanged(result):
+    """Whether the image folders of a cached verdict are as they were when it was checked."""
+    try:
+        return all(fingerprint(folder) == list(then) for folder, then in result["image_folders"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return False
+
+
+def check_paths(json_file, image_dir, name):
+    """The annotation file and the image folder exist."""
+    where = f"dataset {name!r}"
+    if not os.path.isfile(json_file):
+        raise InputError(f"{where}: annotation file {json_file} does not exist")
+    if not os.path.isdir(image_dir):
+        raise InputError(f"{where}: image folder {image_dir} does not exist")
+
+
 def check_coco_dataset(json_file, image_dir, name="dataset"):
     """Check a COCO instances file and its images; return the class names in category-id order.
 
@@ -81,13 +139,21 @@ def check_coco_dataset(json_file, image_dir, name="dataset"):
     COCO instances file, no images or annotations, an annotation pointing at an unknown image or category,
     a repeated id), in one line naming the dataset, the file and the offending entry.
     """
-    where = f"dataset {name!r}"
-    if not os.path.isfile(json_file):
-        raise InputError(f"{where}: annotation file {json_file} does not exist")
-    if not os.path.isdir(image_dir):
-        raise InputError(f"{where}: image folder {image_dir} does not exist")
-    coco = read_json(json_file, f"{where}: annotation file")
-    where = f"{where}: {json_file}"
+    return check_coco_dataset_verdict(json_file, image_dir, name)[0]["thing_classes"]
+
+
+def check_coco_dataset_verdict(json_file, image_dir, name="dataset"):
+    """:func:`check_coco_dataset` as ``({"thing_classes": [...], "image_folders": [[folder, fingerprint],
+    ...]}, cacheable)``: the folders that hold the images, fingerprinted before they were listed, and whether
+    the verdict rests on those folders' listings alone."""
+    with gc_paused():  # the parsed JSON is freed when the check returns, before the collector runs again
+        return check_parsed_coco(json_file, image_dir, name)
+
+
+def check_parsed_coco(json_file, image_dir, name):
+    check_paths(json_file, image_dir, name)
+    coco = read_json(json_file, f"dataset {name!r}: annotation file")
+    where = f"dataset {name!r}: {json_file}"
     if not isinstance(coco, dict):
         raise InputError(f"{where} is not a COCO instances file: the top level is not an object")
     keys = ("images", "annotations", "categories")
@@ -107,8 +173,12 @@ def check_coco_dataset(json_file, image_dir, name="dataset"):
         if image_id in file_names:
             raise InputError(f"{where}: image id {image_id} appears more than once")
         file_names[image_id] = entry_field(image, "file_name", where, f"image {image_id}")
+    if annotations_are_sound(coco["annotations"], file_names, categories):
+        annotations = ()  # nothing for the loop below to find
+    else:
+        annotations = coco["annotations"]
     annotation_ids = set()
-    for annotation in coco["annotations"]:
+    for annotation in annotations:  # the first offender, named
         annotation_id = entry_field(annotation, "id", where, "annotation")
         if annotation_id in annotation_ids:  # load_coco_json would assert this only when training starts
             raise InputError(f"{where}: annotation id {annotation_id} appears more than once")
@@ -125,11 +195,64 @@ def check_coco_dataset(json_file, image_dir, name="dataset"):
                 f"(ids {', '.join(map(str, sorted(categories)))})"
             )
     # detectron2 reads every listed image, annotated or not (unannotated ones are test images or negatives).
+    folders, cacheable = {}, True
     for image_id, file_name in file_names.items():
-        if not os.path.isfile(os.path.join(image_dir, file_name)):
+        path = os.path.join(image_dir, file_name)
+        folder, base = os.path.split(path)
+        if folder not in folders:
+            folders[folder] = list_folder(folder)
+        entry = folders[folder][1].get(base) if folders[folder] else None
+        if entry is None:  # not found by the listing: os.path.isfile decides, and the verdict is not cached
+            present, cacheable = os.path.isfile(path), False
+        else:  # DirEntry.is_file() is os.path.isfile (it follows a symlink; the target is not fingerprinted)
+            present, cacheable = entry.is_file(), cacheable and not entry.is_symlink()
+        if not present:
             raise InputError(f"{where}: image {image_id} file {file_name!r} is not in {image_dir}")
+    image_folders = [[folder, listed[0]] for folder, listed in folders.items() if listed]
+    cacheable = cacheable and len(image_folders) <= MAX_FINGERPRINTED_FOLDERS
     # The order load_coco_json gives thing_classes (by category id), so the two agree.
-    return [categories[i]["name"] for i in sorted(categories)]
+    return {"thing_classes": [categories[i]["name"] for i in sorted(categories)], "image_folders": image_folders}, \
+        cacheable
+
+
+def annotations_are_sound(annotations, file_names, categories):
+    """Whether every annotation is an object with an id, an image_id in ``file_names`` and a category_id in
+    ``categories``, the ids unique: the loop of :func:`check_coco_dataset_verdict` at a fraction of its cost, as
+    a few passes over all annotations; when it says no (or meets an entry it cannot read), the loop finds and
+    names the first offender."""
+    try:
+        ids = [annotation["id"] for annotation in annotations]
+        image_ids = {annotation["image_id"] for annotation in annotations}
+        category_ids = {annotation["category_id"] for annotation in annotations}
+        return len(set(ids)) == len(ids) and image_ids <= file_names.keys() and category_ids <= categories.keys()
+    except (KeyError, TypeError):  # an entry that is not an object or lacks a field, an unhashable id
+        return False
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """Python's cyclic garbage collector off (as it was before, afterwards): parsing COCO's JSON creates millions
+    of dicts and lists, none in a cycle, and collections triggered by their allocation double the parse time."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def list_folder(folder):
+    """``(fingerprint, {name: os.DirEntry})`` of ``folder``, fingerprinted before it is listed; None when it cannot
+    be listed and searched (its images are then looked up one by one)."""
+    try:
+        if not os.access(folder, os.X_OK):
+            return None
+        before = fingerprint(folder)
+        with os.scandir(folder) as entries:
+            return before, {entry.name: entry for entry in entries}
+    except OSError:
+        return None
 
 
 def entry_field(entry, key, where, what):

@@ -49,10 +49,14 @@ MIN_CONTRAST = 80.0
 COLOUR_ATTEMPTS = 20
 
 
+def cache_root():
+    """gn-det's cache folder: ``$GN_DET_CACHE``, or ``~/.cache/gn_det``."""
+    return os.environ.get("GN_DET_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "gn_det")
+
+
 def shapes_root():
     """The cache folder of the default dataset: ``$GN_DET_CACHE`` (or ``~/.cache/gn_det``)/shapes_v<N>."""
-    cache = os.environ.get("GN_DET_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "gn_det")
-    return os.path.join(cache, f"shapes_v{SHAPES_VERSION}")
+    return os.path.join(cache_root(), f"shapes_v{SHAPES_VERSION}")
 
 
 def is_complete(root):
