@@ -23,7 +23,7 @@ writes its time, and the run's time is the slowest process's.
 This module is experiment code: nothing in gn-det's plugin imports it.
 """
 import argparse
-import importlib.util
+import contextlib
 import json
 import os
 import resource
@@ -55,7 +55,6 @@ TINY_OPTS = [
 DATASET_NAME = "startup_coco"
 SIDES = ("stock", "gn_first", "gn_again")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
 
 # Set by the benchmark for the measured processes: when the process was started (time.time()), and the folder
 # each of its processes writes ``rank<N>.json`` into at the end of its first iteration.
@@ -144,38 +143,37 @@ def dataset_size(json_file, image_dir):
 
 # ---- the measured processes ----
 
-def install_first_iteration_hook():
-    """Every DefaultTrainer (gn-det's too) built in this process gets a first hook that writes, at the end of
-    the first iteration, the seconds since ``$GN_DET_STARTUP_T0`` and the CPU seconds (user + system) of this
-    process into ``$GN_DET_STARTUP_RECORD/rank<N>.json``."""
-    from detectron2.engine import DefaultTrainer, HookBase
+def record_first_iteration(trainer):
+    """At the end of the first iteration: the seconds since ``$GN_DET_STARTUP_T0`` and the CPU seconds (user +
+    system) of this process, into ``$GN_DET_STARTUP_RECORD/rank<N>.json``."""
     from detectron2.utils import comm
 
-    class FirstIterationHook(HookBase):
-        def after_step(self):
-            if self.trainer.iter != self.trainer.start_iter:
-                return
-            seconds = time.time() - float(os.environ[T0_ENV])
-            usage = resource.getrusage(resource.RUSAGE_SELF)
-            rank = comm.get_rank()
-            with open(os.path.join(os.environ[RECORD_ENV], f"rank{rank}.json"), "w") as f:
-                json.dump({"rank": rank, "seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime}, f)
-
-    original = DefaultTrainer.build_hooks
-    if getattr(original, "first_iteration_hook", False):
+    if trainer.iter != trainer.start_iter:
         return
+    seconds = time.time() - float(os.environ[T0_ENV])
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    rank = comm.get_rank()
+    with open(os.path.join(os.environ[RECORD_ENV], f"rank{rank}.json"), "w") as f:
+        json.dump({"rank": rank, "seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime}, f)
 
-    def build_hooks(self):
-        return [FirstIterationHook()] + original(self)
 
-    build_hooks.first_iteration_hook = True
-    DefaultTrainer.build_hooks = build_hooks
+def timed(trainer_class):
+    """``trainer_class`` with :func:`record_first_iteration` as its first hook."""
+    from detectron2.engine import hooks
+
+    class Timed(trainer_class):
+        def build_hooks(self):
+            return [hooks.CallbackHook(after_step=record_first_iteration)] + super().build_hooks()
+
+    Timed.__name__ = Timed.__qualname__ = f"Timed{trainer_class.__name__}"
+    return Timed
 
 
 def stock_main(args):
     """detectron2's tools/train_net.py, with the dataset registered by ``register_coco_instances``: in every
     process of ``launch``."""
     import functools
+    from unittest import mock
 
     from detectron2.config import get_cfg
     from detectron2.data.datasets import register_coco_instances
@@ -191,36 +189,37 @@ def stock_main(args):
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     default_setup(cfg, args)
-    if comm.get_world_size() > 1 and cfg.MODEL.DEVICE == "cpu":
-        # DDP of a CPU model takes no device_ids; detectron2's create_ddp_model passes them
-        d2_defaults.create_ddp_model = functools.partial(d2_defaults.create_ddp_model, device_ids=None)
-    trainer = DefaultTrainer(cfg)
+    ddp = mock.patch.object(d2_defaults, "create_ddp_model", functools.partial(d2_defaults.create_ddp_model,
+                                                                             device_ids=None))
+    # Stock detectron2 cannot wrap a CPU model in DDP (create_ddp_model passes device_ids): for the comparison,
+    # the stock side gets device_ids=None while its trainer is built, nothing else (gn-det's GNTrainer passes it).
+    with ddp if comm.get_world_size() > 1 and cfg.MODEL.DEVICE == "cpu" else contextlib.nullcontext():
+        trainer = timed(DefaultTrainer)(cfg)
     trainer.resume_or_load(resume=False)
     return trainer.train()
+
+
+def gn_main(args):
+    """gn-det's tools/train_net.py body with the first-iteration record: in every process of ``launch``."""
+    from gn_det.engine import GNTrainer, train_or_evaluate
+
+    return train_or_evaluate(args, make_trainer=timed(GNTrainer))
 
 
 def child_main(argv):
     """One measured run: ``stock ARGS`` or ``gn ARGS`` (train_net's arguments)."""
     side, argv = argv[0], argv[1:]
-    if side == "stock":
+    if side == "stock":  # detectron2's own parser and launch
         from detectron2.engine import default_argument_parser, launch
 
         parser = default_argument_parser()
         parser.add_argument("--dataset", action="append", default=[])
         args = parser.parse_args(argv)
         launch(stock_main, args.num_gpus, num_machines=1, machine_rank=0, dist_url=args.dist_url, args=(args,))
-    else:
-        # imported under another name, so that this module stays the main module that the processes spawned by
-        # launch import (and so get the hook)
-        spec = importlib.util.spec_from_file_location("gn_det_train_net", TRAIN_NET)
-        train_net = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(train_net)
-        sys.argv = [TRAIN_NET] + argv
-        train_net.main()
+    else:  # gn-det's, as tools/train_net.py
+        from gn_det.engine import argument_parser, launch
 
-
-if __name__ in ("__main__", "__mp_main__"):  # the measured processes (launch's spawned ones import this as __mp_main__)
-    install_first_iteration_hook()
+        launch(gn_main, argument_parser().parse_args(argv))
 
 
 # ---- the benchmark ----
