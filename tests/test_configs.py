@@ -23,6 +23,7 @@ def build(path, *opts):
     return build_model(cfg)
 
 
+@pytest.mark.zoo
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: os.path.relpath(p, CONFIG_DIR))
 def test_config_loads_and_builds(path):
     model = build(path)
@@ -144,6 +145,7 @@ def paper_numbers(path):
     return re.findall(r"\d+\.\d+ (?:box AP )?/ \d+\.\d+", header)
 
 
+@pytest.mark.zoo
 @pytest.mark.parametrize("path", PY_CONFIGS, ids=lambda p: os.path.relpath(p, CONFIG_DIR))
 def test_python_config_loads_builds_and_survives_yaml(path, tmp_path):
     from detectron2.config import LazyConfig, instantiate

@@ -118,6 +118,7 @@ def torchvision_bn_r50(tmp_path_factory):
     return model, str(source), str(converted)
 
 
+@pytest.mark.zoo
 def test_timm_resnet50_gn_equals_gn_fpn_backbone(timm_gn_r50):
     source, _, weights = timm_gn_r50
     cfg = gn_cfg(GN_TIMM)
@@ -131,6 +132,7 @@ def test_timm_resnet50_gn_equals_gn_fpn_backbone(timm_gn_r50):
     assert_same_stages(source, model.backbone.bottom_up)
 
 
+@pytest.mark.zoo
 def test_torchvision_gn_resnet50_from_safetensors(tmp_path):
     torch.manual_seed(0)
     source = randomize_norms(torchvision.models.resnet50(norm_layer=lambda c: nn.GroupNorm(32, c)))
@@ -143,6 +145,7 @@ def test_torchvision_gn_resnet50_from_safetensors(tmp_path):
     assert_same_stages(source, model.backbone.bottom_up)
 
 
+@pytest.mark.zoo
 def test_torchvision_bn_resnet50_equals_bnstar_fpn_backbone(torchvision_bn_r50):
     source, _, weights = torchvision_bn_r50
     model = load_model(gn_cfg(BNSTAR_TORCHVISION), weights)
@@ -170,6 +173,7 @@ def test_resnet18_basic_blocks_into_bnstar_backbone(tmp_path):
     assert_same_stages(source, backbone.bottom_up, size=96)
 
 
+@pytest.mark.zoo
 def test_c4_model_loads_every_resnet_weight(timm_gn_r50):
     _, _, weights = timm_gn_r50
     cfg = gn_cfg(GN_C4, *TIMM_INPUT)
@@ -211,6 +215,7 @@ def test_pickled_module_is_refused_without_unpickling_it(tmp_path):
         load_source_state_dict(str(path))
 
 
+@pytest.mark.zoo
 def test_explicit_depth_mismatch_names_the_first_key(timm_gn_r50):
     r18 = torchvision.models.resnet18().state_dict()
     one_line_error(r"^layer1\.2\.conv1\.weight: missing, ResNet-34 \(FrozenBN\) needs it .*BasicBlock blocks "
@@ -222,6 +227,7 @@ def test_explicit_depth_mismatch_names_the_first_key(timm_gn_r50):
                    depth=101)
 
 
+@pytest.mark.zoo
 def test_config_depth_mismatch_names_the_first_key(timm_gn_r50):
     _, _, weights = timm_gn_r50
     cfg = gn_cfg(GN_TIMM, "MODEL.RESNETS.DEPTH", "101")
@@ -230,6 +236,7 @@ def test_config_depth_mismatch_names_the_first_key(timm_gn_r50):
                    build_backbone(cfg), weights, cfg)
 
 
+@pytest.mark.zoo
 def test_forced_norm_against_the_source_fails(timm_gn_r50, torchvision_bn_r50):
     gn_r50 = load_source_state_dict(timm_gn_r50[1])
     one_line_error(r"^bn1\.weight: a norm without running_mean/running_var \(GroupNorm\), but BN was asked for",
@@ -239,6 +246,7 @@ def test_forced_norm_against_the_source_fails(timm_gn_r50, torchvision_bn_r50):
                    convert_resnet_state_dict, bn_r50, norm="GN")
 
 
+@pytest.mark.zoo
 def test_gn_weights_into_bnstar_model_and_back_fail(timm_gn_r50, torchvision_bn_r50):
     cfg = gn_cfg(BNSTAR_TORCHVISION)
     one_line_error(r"^bottom_up\.stem\.conv1\.norm\.running_mean: not filled by any tensor; .* holds ResNet-50 GN "
@@ -250,6 +258,7 @@ def test_gn_weights_into_bnstar_model_and_back_fail(timm_gn_r50, torchvision_bn_
                    build_backbone(cfg), torchvision_bn_r50[2], cfg)
 
 
+@pytest.mark.zoo
 def test_config_that_feeds_other_input_fails(timm_gn_r50):
     cfg = gn_cfg(GN_TIMM, "MODEL.RESNETS.STRIDE_IN_1X1", "True")
     one_line_error(r"^MODEL\.RESNETS\.STRIDE_IN_1X1=True, but .* expect False$", check_weights_for_model,
@@ -258,6 +267,7 @@ def test_config_that_feeds_other_input_fails(timm_gn_r50):
     one_line_error(r"^INPUT\.FORMAT='BGR', but", check_weights_for_model, build_backbone(cfg), timm_gn_r50[2], cfg)
 
 
+@pytest.mark.slow
 def test_gn_det_imports_without_timm():
     code = ("import sys; sys.modules['timm'] = None\n"  # any `import timm` now raises ImportError
             "import gn_det, gn_det.checkpoint\nfrom gn_det.checkpoint import convert_weights\n")
@@ -282,6 +292,7 @@ def convert_cli(*args):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_converts_timm_resnet50_gn_and_the_model_trains(timm_gn_r50, tmp_path):
     source, source_path, _ = timm_gn_r50
     out = tmp_path / "weights" / "timm_resnet50_gn.pkl"
@@ -313,6 +324,7 @@ def test_cli_converts_timm_resnet50_gn_and_the_model_trains(timm_gn_r50, tmp_pat
     assert model.backbone.bottom_up.res3[0].conv1.norm.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_cli_bad_input_exits_with_one_line(tmp_path):
     path = tmp_path / "vgg.pth"
     torch.save(small_vgg_state_dict(), path)

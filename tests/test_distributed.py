@@ -9,6 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("detectron2")
+pytestmark = pytest.mark.slow  # tool subprocesses and training runs
 
 from conftest import REPO  # noqa: E402
 from test_train import GN_SHAPES, SMALL, tiny_shapes  # noqa: E402,F401  (tiny_shapes: a fixture)

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 pytest.importorskip("detectron2")
+pytestmark = pytest.mark.slow  # tool subprocesses and training runs
 
 from conftest import CONFIG_DIR, REPO, TINY_OPTS, tool_exit_message  # noqa: E402
 from test_train import GN_SHAPES, SMALL, tiny_shapes  # noqa: E402,F401  (tiny_shapes: a fixture)

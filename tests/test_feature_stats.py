@@ -8,6 +8,7 @@ import sys
 import pytest
 
 pytest.importorskip("detectron2")
+pytestmark = pytest.mark.slow  # tool subprocesses and training runs
 
 import torch  # noqa: E402
 from detectron2.engine import SimpleTrainer  # noqa: E402

@@ -100,6 +100,7 @@ def test_unsplittable_channels_fail_at_build_naming_the_field():
 
 # --- set_norm on detectron2's own configs
 
+@pytest.mark.zoo
 def test_set_norm_on_lsj_baseline_gives_16_group_gn_everywhere_and_saves_as_yaml(tmp_path):
     cfg = model_zoo.get_config(LSJ)
     sites = set_norm(cfg.model, GN(num_groups=16))
@@ -166,6 +167,7 @@ def test_4conv1fc_head_and_no_decay_on_gn_gamma_beta():
 
 # --- same model either way
 
+@pytest.mark.zoo
 def test_lazy_and_yaml_gn_r50_fpn_are_the_same_model_and_load_a_stock_detectron2_gn_checkpoint():
     yaml_model = build_model(gn_det.get_gn_cfg(GN_FPN, ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "",
                                                        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"])).eval()
@@ -205,6 +207,7 @@ def test_lazy_and_yaml_gn_r50_fpn_are_the_same_model_and_load_a_stock_detectron2
 
 # --- the lazy train/eval path
 
+@pytest.mark.slow
 def test_lsj_gn16_user_config_trains_on_cpu(tmp_path, tiny_lazy_shapes):
     config = tmp_path / "lsj_gn16.py"
     config.write_text(USER_LSJ_GN16)
@@ -230,6 +233,7 @@ SMALL_SHAPES = ["dataloader.train.dataset.names=tiny_lazy_train", "dataloader.te
                 "dataloader.test.num_workers=0", "train.log_period=1"]
 
 
+@pytest.mark.slow
 def test_shapes_lazy_config_trains_on_two_processes_resumes_and_evaluates_through_train_net(tmp_path, tiny_lazy_shapes):
     out = tmp_path / "run"
     common = [*tiny_lazy_shapes, *SMALL_SHAPES, f"train.output_dir={out}"]
@@ -267,6 +271,7 @@ def test_shapes_lazy_config_trains_on_two_processes_resumes_and_evaluates_throug
      r"instances_val2017\.json does not exist"),
     (["train.init_checkpoint=/nonexistent/none.pth"], r"train\.init_checkpoint /nonexistent/none\.pth does not exist$"),
 ])
+@pytest.mark.slow
 def test_bad_lazy_input_is_one_line_and_writes_nothing(tmp_path, tiny_lazy_shapes, extra, message):
     out = tmp_path / "never"
     env = {**os.environ, "DETECTRON2_DATASETS": str(tmp_path / "no_datasets")}
@@ -294,6 +299,7 @@ def test_lazy_config_without_a_section_the_run_needs_names_it():
         check_lazy_config(cfg, "my.py", eval_only=False)
 
 
+@pytest.mark.slow
 def test_a_diverging_lazy_run_ends_in_one_line_naming_the_iteration(tmp_path, tiny_lazy_shapes):
     out = tmp_path / "diverged"
     proc = run_train_net("--config-file", SHAPES_PY, *tiny_lazy_shapes, *SMALL_SHAPES, f"train.output_dir={out}",

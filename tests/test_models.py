@@ -38,6 +38,7 @@ def grad_norms_of(model, module_type):
             for p in m.parameters() if p.requires_grad and p.grad is not None]
 
 
+@pytest.mark.slow
 def test_gn_fpn_mask_rcnn_trains_a_step():
     model, losses = train_step(get_gn_cfg(GN_FPN, TINY_OPTS + SMALL_INPUT))
     assert {"loss_mask", "loss_cls", "loss_box_reg", "loss_rpn_cls"} <= set(losses)
@@ -49,6 +50,7 @@ def test_gn_fpn_mask_rcnn_trains_a_step():
     assert out["instances"].image_size == (96, 128)
 
 
+@pytest.mark.slow
 def test_c4_gn_trains_a_step():
     path = os.path.join(CONFIG_DIR, "COCO-InstanceSegmentation", "mask_rcnn_R_50_C4_2x_gn.yaml")
     model, losses = train_step(get_gn_cfg(path, ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", "MODEL.GN.NUM_GROUPS",
@@ -66,6 +68,7 @@ def test_retinanet_gn_head_trains_a_step():
     assert len(head_norms) == 8 and all(m.num_groups == 8 for m in head_norms)
 
 
+@pytest.mark.slow
 def test_rpn_head_with_optional_norm():
     cfg = get_gn_cfg(GN_FPN, TINY_OPTS + SMALL_INPUT + ["MODEL.RPN.HEAD_NAME", "GNRPNHead", "MODEL.RPN.NORM", "GN"])
     model, _ = train_step(cfg)
@@ -93,6 +96,7 @@ def caffe2_blob_name(param_name):
     return f"{stage}_{block}_{branch}_{suffix}"
 
 
+@pytest.mark.zoo
 def test_detectron_gn_imagenet_blobs_load_into_gn_r50_fpn(tmp_path):
     cfg = get_gn_cfg(GN_FPN, ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])
     model = build_model(cfg)

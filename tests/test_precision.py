@@ -96,6 +96,7 @@ def test_fast_backbone_features_match_fp32():
         assert error < FEATURE_RTOL, (level, error.item())
 
 
+@pytest.mark.slow
 def test_fast_training_losses_match_fp32_and_are_float32():
     reference, fast = fp32_and_fast()
     batch = random_detection_batch(num_images=2, height=128, width=128)
@@ -110,6 +111,7 @@ def test_fast_training_losses_match_fp32_and_are_float32():
     assert grads and all(g.dtype == torch.float32 for g in grads)  # float32 weights get float32 gradients
 
 
+@pytest.mark.slow
 def test_fast_inference_outputs_are_float32():
     model = build(*FAST)
     model.eval()
@@ -124,6 +126,7 @@ def test_fast_inference_outputs_are_float32():
     assert raw.pred_masks.dtype == torch.float32
 
 
+@pytest.mark.slow
 def test_fp32_default_is_stock_generalized_rcnn():
     ours = build()
     assert type(ours).__name__ == "GNGeneralizedRCNN" and ours.precision == "fp32" and not ours.channels_last
@@ -163,6 +166,7 @@ def test_unknown_precision_is_an_error_naming_the_key():
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.slow
 def test_default_predictor_gets_the_switches():
     predictor = DefaultPredictor(tiny_cfg(*FAST))  # build_model + eval + checkpoint load, as users do
     stem = record_stem_input(predictor.model, predictor.model.backbone.bottom_up.stem.conv1)
@@ -191,6 +195,7 @@ def test_retinanet_honours_the_switches():
     assert_float_fields(result["instances"])
 
 
+@pytest.mark.slow
 def test_benchmark_tool_smoke(tmp_path):
     """The tool runs stock, the stock bf16 + NHWC peer, gn-det's switches-only and fast variants, and the same
     code again as "another checkout" (--baseline-source this repository), with ratios to stock and to the peer."""
@@ -399,6 +404,7 @@ def test_fast_path_predicts_boxes_with_top_scores_first():
 
 @pytest.mark.parametrize("option, value, minimum",
                          [("--rounds", "0", 1), ("--repeats", "0", 1), ("--warmup", "-1", 0), ("--images", "0", 1)])
+@pytest.mark.slow
 def test_benchmark_rejects_counts_out_of_range(option, value, minimum):
     """A count that would leave nothing to measure is a one-line usage error naming the option, before any
     variant runs."""
@@ -478,6 +484,7 @@ def assert_same_instances(results, expected_results, atol=0.0):
 CHUNKED_ATOL = 1e-3
 
 
+@pytest.mark.slow
 def test_fast_cpu_inference_runs_roi_heads_in_chunks_with_the_same_outputs():
     """Box and mask heads see the RoIs in chunks (here forced small) and give the unchunked results, up to bf16
     kernels' rounding; training never chunks, and without MODEL.CPU_FAST_PATH chunking is off."""
@@ -503,6 +510,7 @@ def test_fast_cpu_inference_runs_roi_heads_in_chunks_with_the_same_outputs():
     assert len(box_calls) == 1 and all(torch.isfinite(loss) for loss in losses.values())
 
 
+@pytest.mark.slow
 def test_fast_cpu_inference_runs_c4_res5_in_chunks_with_the_same_outputs():
     path = os.path.join(CONFIG_DIR, "COCO-InstanceSegmentation", "mask_rcnn_R_50_C4_2x_gn.yaml")
     model = build(*FAST, "MODEL.RPN.POST_NMS_TOPK_TEST", "40", "MODEL.RESNETS.DEPTH", "50",
@@ -516,6 +524,7 @@ def test_fast_cpu_inference_runs_c4_res5_in_chunks_with_the_same_outputs():
     assert_same_instances(results, expected, atol=CHUNKED_ATOL)
 
 
+@pytest.mark.slow
 def test_fast_path_runs_head_relus_in_place_with_the_same_values():
     """The fast path's head ReLUs (box head, mask head, RPN conv) overwrite their inputs; losses, gradients and
     detections are exactly those of the same model with detectron2's out-of-place ReLUs. Without

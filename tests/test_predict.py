@@ -7,6 +7,7 @@ import sys
 import pytest
 
 pytest.importorskip("detectron2")
+pytestmark = pytest.mark.slow  # tool subprocesses and training runs
 pytest.importorskip("cv2")  # detectron2's Visualizer imports it
 
 from PIL import Image  # noqa: E402

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 pytest.importorskip("detectron2")
+pytestmark = pytest.mark.slow  # tool subprocesses and training runs
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

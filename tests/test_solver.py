@@ -64,6 +64,7 @@ def test_linear_lr_scaling_off_by_default():
     assert cfg.SOLVER.BASE_LR == 0.02 and cfg.SOLVER.MAX_ITER == 180000
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("clip", [False, True])
 def test_cpu_optimizer_is_detectron2_sgd_run_fused(clip):
     """On CPU with MODEL.CPU_FAST_PATH gn-det's SGD keeps detectron2's groups and settings (and gradient

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 pytest.importorskip("detectron2")
+pytestmark = pytest.mark.slow  # tool subprocesses and training runs
 
 from conftest import CONFIG_DIR, REPO  # noqa: E402
 from gn_det.analysis.sweep import Cell, expand_grid, norm_label  # noqa: E402

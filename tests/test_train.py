@@ -10,6 +10,7 @@ import time
 import pytest
 
 pytest.importorskip("detectron2")
+pytestmark = pytest.mark.slow  # tool subprocesses and training runs
 
 from conftest import CONFIG_DIR, REPO  # noqa: E402
 from gn_det.data import generate_shapes  # noqa: E402

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("detectron2")
+pytestmark = pytest.mark.slow  # tool subprocesses and training runs
 pytest.importorskip("cv2")  # detectron2's Visualizer imports it
 
 from PIL import Image  # noqa: E402

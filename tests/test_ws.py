@@ -26,6 +26,7 @@ def test_standardized_weight_has_zero_mean_unit_variance_per_output_channel():
     torch.testing.assert_close(w.var(1, unbiased=False), torch.ones(16), atol=1e-4, rtol=0)
 
 
+@pytest.mark.zoo
 @pytest.mark.parametrize("path", GN_CONFIGS, ids=lambda p: os.path.relpath(p, CONFIG_DIR))
 def test_ws_model_builds_from_every_gn_config(path):
     model = build_model(get_gn_cfg(path, ["MODEL.DEVICE", "cpu", "MODEL.GN.WS", "True"]))
