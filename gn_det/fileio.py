@@ -39,6 +39,23 @@ def atomic_write(path, mode="w"):
         raise
 
 
+def check_output_location(path, what, folder=True):
+    """Raise an InputError naming ``what`` and ``path`` when the output folder (``folder``) or file ``path``
+    cannot be written: something of the other kind in the way, a file where a parent folder belongs, or a
+    parent folder this process may not write. Nothing is created here."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and os.path.isdir(path) != folder:
+        raise InputError(f"{what} {path}: a {'file' if folder else 'folder'} is in the way of the output "
+                         f"{'folder' if folder else 'file'}")
+    parent = path if folder and os.path.isdir(path) else os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise InputError(f"{what} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{what} {path}: no permission to write in {parent}")
+
+
 def write_json_atomically(path, data, indent=2):
     """Write ``data`` as JSON to ``path`` through :func:`atomic_write`."""
     with atomic_write(path, "w") as f:

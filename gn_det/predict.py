@@ -25,7 +25,7 @@ from gn_det.checkpoint.reader import GNCheckpointer
 from gn_det.config import available_device, get_gn_cfg, load_lazy_config
 from gn_det.data import register_datasets  # importing gn_det.data registers shapes_train / shapes_val
 from gn_det.errors import InputError
-from gn_det.fileio import read_json, write_json_atomically
+from gn_det.fileio import atomic_write, read_json, write_json_atomically
 
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 RESULTS_FILE = "predictions.json"
@@ -214,8 +214,9 @@ def predict_images(predictor, paths, out_dir, score_threshold=0.5, scale=1.0, co
         rgb = read_image(path, format="RGB")
         instances = predictor(rgb)["instances"].to("cpu")
         drawn = Visualizer(rgb, predictor.metadata, scale=scale)
-        drawn.draw_instance_predictions(instances[instances.scores >= score_threshold]).save(
-            os.path.join(out_dir, name))
+        picture = drawn.draw_instance_predictions(instances[instances.scores >= score_threshold]).get_image()
+        with atomic_write(os.path.join(out_dir, name), "wb") as f:
+            Image.fromarray(picture).save(f, format="PNG")
         results += coco_results(instances, image_id, path, to_dataset_id, class_names)
     json_path = os.path.join(out_dir, RESULTS_FILE)
     write_json_atomically(json_path, results)

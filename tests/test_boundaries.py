@@ -151,3 +151,24 @@ def test_printed_format_per_tool(tool, originals, tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.strip().splitlines() if line.startswith(f"{tool}: error: ")]
     assert len(lines) == 1 and proc.stderr.strip().splitlines()[-1] == lines[0] and path in lines[0], proc.stderr
+
+
+@pytest.mark.slow
+def test_an_output_location_in_the_way_is_one_line_before_anything_runs(originals, tmp_path):
+    """A file where an output folder belongs (or a folder where an output file belongs, or a file where a parent
+    folder belongs) is one line naming it, and the file in the way is left as it was."""
+    in_the_way = tmp_path / "in_the_way"
+    in_the_way.write_text("an earlier result")
+    rows = [
+        ("train_net.py", ["--config-file", GN_YAML, *TINY, "OUTPUT_DIR", str(in_the_way)], str(in_the_way)),
+        ("predict.py", ["--config-file", GN_YAML, "--weights", originals["pth"], originals["png"], "--out",
+                        str(in_the_way)], str(in_the_way)),
+        ("visualize.py", [originals["run"], "--out", str(in_the_way / "pictures")], str(in_the_way)),
+        ("compare_runs.py", [originals["run"], "--out", str(in_the_way / "cmp")], str(in_the_way)),
+        ("convert_weights.py", [originals["pth"], str(tmp_path / "folder.pkl")], "a folder is in the way"),
+    ]
+    (tmp_path / "folder.pkl").mkdir()
+    for tool, args, named in rows:
+        message = tool_exit_message(tool, *args)
+        assert named in message, (tool, message)
+    assert in_the_way.read_text() == "an earlier result"

@@ -9,6 +9,7 @@ import os
 
 from gn_det.analysis.runs import comparison_rows, load_runs, markdown_table, plot_runs, write_csv
 from gn_det.errors import exit_on_input_error
+from gn_det.fileio import check_output_location
 
 
 def main():
@@ -18,6 +19,7 @@ def main():
                         help="names of the runs in the table and plot, one per RUN_DIR (default: the folder names)")
     parser.add_argument("--out", default="comparison", help="prefix of the CSV and PNG written (default: %(default)s)")
     args = parser.parse_args()
+    check_output_location(args.out + ".csv", "--out", folder=False)
     runs = load_runs(args.run_dirs, args.labels)
     rows = comparison_rows(runs)
     print(markdown_table(rows))

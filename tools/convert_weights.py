@@ -17,6 +17,7 @@ from detectron2.modeling import build_model
 from gn_det.checkpoint import check_weights_for_model, convert_weights
 from gn_det.config import get_gn_cfg
 from gn_det.errors import InputError, exit_on_input_error
+from gn_det.fileio import check_output_location
 
 
 def argument_parser():
@@ -38,6 +39,7 @@ def main(argv=None):
     args = argument_parser().parse_args(argv)
     if not args.output.endswith(".pkl"):
         raise InputError(f"OUTPUT {args.output} must end in .pkl (detectron2's format for converted weights)")
+    check_output_location(args.output, "OUTPUT", folder=False)
     # the config is read before anything is written, so a bad one leaves no converted file behind
     cfg = get_gn_cfg(args.config_file, ["MODEL.DEVICE", "cpu"]) if args.config_file else None
     converted = convert_weights(args.input, args.output, source=args.source, norm=args.norm, depth=args.depth)

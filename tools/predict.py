@@ -8,6 +8,7 @@ DIR/predictions.json with every prediction as COCO results (box, RLE mask, score
 import argparse
 
 from gn_det.errors import exit_on_input_error
+from gn_det.fileio import check_output_location
 from gn_det.predict import expand_inputs, load_predictor, predict_images
 
 
@@ -26,6 +27,7 @@ def main():
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
                         help="config overrides, last: KEY VALUE pairs (YAML) or key=value strings (Python config)")
     args = parser.parse_args()
+    check_output_location(args.out, "--out")
     paths = expand_inputs(args.inputs)  # checked before the model loads and before --out is created
     predictor = load_predictor(args.config_file, args.weights, args.opts, args.device)
     json_path = predict_images(predictor, paths, args.out, args.score_threshold, args.scale, args.coco_json)

@@ -13,6 +13,7 @@ import argparse
 
 from gn_det.analysis.visualize import SELECTIONS, visualize_runs
 from gn_det.errors import exit_on_input_error
+from gn_det.fileio import check_output_location
 
 
 def main():
@@ -31,6 +32,9 @@ def main():
     parser.add_argument("--config-file", metavar="FILE", help="config for those runs (default: RUN_DIR/config.yaml)")
     parser.add_argument("--sheet", metavar="FILE", help="also write all rows stacked into this one PNG")
     args = parser.parse_args()
+    check_output_location(args.out, "--out")
+    if args.sheet:
+        check_output_location(args.sheet, "--sheet", folder=False)
     paths = visualize_runs(args.run_dirs, args.out, args.labels, args.dataset, args.images, args.select,
                            args.score_threshold, args.scale, args.config_file, args.weights, args.sheet)
     print("wrote " + ", ".join(paths))

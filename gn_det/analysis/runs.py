@@ -7,7 +7,7 @@ import statistics
 from tabulate import tabulate
 
 from gn_det.errors import InputError
-from gn_det.fileio import read_json
+from gn_det.fileio import atomic_write, read_json
 
 METRICS = ("bbox/AP", "bbox/AP50", "bbox/AP75", "segm/AP", "segm/AP50", "segm/AP75")
 
@@ -121,7 +121,7 @@ def markdown_table(rows):
 
 
 def write_csv(rows, path):
-    with open(path, "w", newline="") as f:
+    with atomic_write(path, "w") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)

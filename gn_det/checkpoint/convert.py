@@ -13,7 +13,6 @@ A ``"gn_det"`` entry records what the weights expect of the model's input and Re
 """
 import dataclasses
 import logging
-import os
 import pickle
 import re
 from collections import OrderedDict
@@ -24,11 +23,11 @@ import torch
 
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 from detectron2.layers import ShapeSpec
-from detectron2.utils.file_io import PathManager
 
 from gn_det.checkpoint.reader import read_checkpoint, read_weights
 from gn_det.config import get_gn_cfg
 from gn_det.errors import InputError
+from gn_det.fileio import atomic_write
 from gn_det.modeling.backbone import build_gn_resnet_backbone
 
 logger = logging.getLogger(__name__)
@@ -303,9 +302,7 @@ def match_weights(model_state_dict, weights):
 
 
 def save_converted(converted, path):
-    if os.path.dirname(path):
-        PathManager.mkdirs(os.path.dirname(path))
-    with PathManager.open(path, "wb") as f:
+    with atomic_write(path, "wb") as f:
         pickle.dump(converted.checkpoint(), f)
 
 

@@ -14,6 +14,7 @@ import os
 from detectron2.utils import comm
 
 from gn_det.errors import InputError
+from gn_det.fileio import write_json_atomically
 
 from .shapes import cache_root
 
@@ -48,18 +49,10 @@ def write_verdict(key, result):
     """Cache ``result`` under ``key`` (atomically: a temporary file renamed into place); a cache that cannot be
     written costs the next start the check, nothing else."""
     path = verdict_path(key)
-    tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(tmp, "w") as f:
-            json.dump({"version": VERDICT_VERSION, "key": key, "result": result}, f)
-        os.replace(tmp, path)
-    except OSError as err:
+        write_json_atomically(path, {"version": VERDICT_VERSION, "key": key, "result": result}, indent=None)
+    except (OSError, InputError) as err:  # InputError: a full disk
         logger.debug("Could not cache a check's verdict in %s: %s", path, err)
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
 
 
 def cached(key, check, still_valid=lambda result: True):

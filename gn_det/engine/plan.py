@@ -35,7 +35,4 @@ class RunPlan:
     rng_state: Tuple
     eval_only: bool
     resume: bool
-
-    @property
-    def lazy(self):
-        return not hasattr(self.cfg, "MODEL")
+    lazy: bool  # a Python (LazyConfig) config

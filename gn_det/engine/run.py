@@ -35,6 +35,7 @@ from gn_det.checkpoint.reader import GNCheckpointer, local_weights_path, read_ch
 from gn_det.config import NORM_SITE_KEYS, available_device, get_gn_cfg, is_lazy_config, select
 from gn_det.data import SHAPES_SPLITS, ensure_shapes, register_datasets
 from gn_det.errors import InputError
+from gn_det.fileio import check_output_location
 from gn_det.solver import scale_schedule_linearly
 
 from . import lazy_train
@@ -171,6 +172,7 @@ def plan_run(args, check_model=None):
     else:
         cfg, settings = load_yaml_config(args)
     check_run(settings, comm.get_world_size(), training)
+    check_output_location(settings.output_dir, "output folder")
     check_datasets(settings, training)
     if not lazy:
         scale_schedule_linearly(cfg)
@@ -191,9 +193,8 @@ def plan_run(args, check_model=None):
         elif checkpoint.get("__author__") == CONVERTER_AUTHOR:
             # Converted ImageNet weights must fit: a GN file into a BN* model (or the reverse), another depth, or
             # other input settings (RGB, mean/std, stride) would load silently and train a worse model.
-            check_weights_for_model(model, checkpoint, None if lazy else cfg,
-                                    name=path)
-    return RunPlan(cfg, settings, model, preloaded, state, args.eval_only, args.resume)
+            check_weights_for_model(model, checkpoint, None if lazy else cfg, name=path)
+    return RunPlan(cfg, settings, model, preloaded, state, args.eval_only, args.resume, lazy)
 
 
 def execute(plan, args, make_trainer=GNTrainer):
