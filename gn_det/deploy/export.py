@@ -216,6 +216,8 @@ def fuse_group_norms(model):
         if name in initializers:
             return numpy_helper.to_array(initializers[name])
         node = producers.get(name)
+        if node is not None and node.op_type == "Identity":  # the exporter shares equal constants through these
+            return constant(node.input[0])
         if node is not None and node.op_type == "Constant":
             return numpy_helper.to_array(node.attribute[0].t)
         return None
