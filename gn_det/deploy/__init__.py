@@ -10,5 +10,5 @@
 
 Commands, measurements and the opset decision: docs/DEPLOY.md.
 """
-from .export import FORMATS, ONNX_TARGETS, export_model, exportable_image
+from .export import FORMATS, ONNX_TARGETS, export_from_config, export_model
 from .runtimes import BACKENDS, ExportedDetector, load_exported

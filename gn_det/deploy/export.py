@@ -101,11 +101,6 @@ def eager_autocast_in_torchscript():
         torch._C._jit_set_autocast_mode(previous)
 
 
-def exportable_image(model, image):
-    """The input tensor of a traced call (``image``: CHW float tensor, the model's input format, resized)."""
-    return image.to(model.device)
-
-
 def export_model(model, image, fmt, output_dir, target="onnxruntime", input_format="BGR"):
     """Trace ``model`` (eval mode) on ``image`` (CHW float, resized, the model's input format) and write
     ``output_dir/model.ts`` or ``output_dir/model.onnx`` through a temporary file. Returns the file's path.
