@@ -43,18 +43,24 @@ class Predictor:
         self.augmentation = augmentation
         self.metadata = metadata
         self.input_format = model.input_format
-        self.device = next(model.parameters()).device
+        # an exported model (gn_det.deploy.ExportedDetector) has no parameters: it names its device
+        self.device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else model.device
 
-    def __call__(self, rgb_image):
-        """The model's output for one image (a dict with ``"instances"``, in the image's coordinates)."""
+    def model_input(self, rgb_image):
+        """The model's input dict for one RGB HxWx3 image: the resized CHW float tensor in the model's input
+        format, and the image's own height and width."""
         image = rgb_image[:, :, ::-1] if self.input_format == "BGR" else rgb_image
         height, width = image.shape[:2]
         resized = T.AugInput(image)
         self.augmentation(resized)  # transforms resized.image in place
         image = resized.image
         tensor = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)).astype("float32"), device=self.device)
+        return {"image": tensor, "height": height, "width": width}
+
+    def __call__(self, rgb_image):
+        """The model's output for one image (a dict with ``"instances"``, in the image's coordinates)."""
         with torch.no_grad():
-            return self.model([{"image": tensor, "height": height, "width": width}])[0]
+            return self.model([self.model_input(rgb_image)])[0]
 
 
 def check_model_files(config_file, weights):
@@ -87,30 +93,48 @@ def dataset_metadata(names):
     return MetadataCatalog.get(names[0]) if names else MetadataCatalog.get("__unlabelled__")
 
 
-def load_predictor(config_file, weights, opts=(), device=None):
+BACKENDS = ("torch", "torchscript", "onnxruntime", "openvino")
+
+
+def load_predictor(config_file, weights, opts=(), device=None, backend="torch"):
     """config file + weights + overrides -> :class:`Predictor` (model, test-time resize, class metadata).
 
     ``opts`` are ``KEY VALUE`` pairs for a YAML config and ``key=value`` strings for a Python (LazyConfig)
-    one; ``device`` overrides the config's device (CUDA falls back to CPU where there is none).
+    one; ``device`` overrides the config's device (CUDA falls back to CPU where there is none). With another
+    ``backend`` than "torch", ``weights`` is a file exported by ``tools/export_model.py`` and runs in that
+    backend on the CPU (``gn_det.deploy``); the config gives the resize and the class names.
     """
+    if backend not in BACKENDS:
+        raise InputError(f"--backend {backend!r} is not a backend; choose one of {', '.join(BACKENDS)}")
     if config_file.endswith(".py"):
-        return _lazy_predictor(config_file, weights, opts, device)
-    cfg = yaml_config(config_file, weights, opts, device)
+        return _lazy_predictor(config_file, weights, opts, device, backend)
+    cfg = yaml_config(config_file, weights, opts, "cpu" if backend != "torch" else device)
     register_datasets(cfg.DATASETS.REGISTER)  # the class names of the config's own datasets
     resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST)
-    return Predictor(model_from_config(cfg), resize, dataset_metadata(cfg.DATASETS.TEST or cfg.DATASETS.TRAIN))
+    model = model_from_config(cfg) if backend == "torch" else exported_model(weights, backend)
+    return Predictor(model, resize, dataset_metadata(cfg.DATASETS.TEST or cfg.DATASETS.TRAIN))
 
 
-def _lazy_predictor(config_file, weights, opts, device):
+def exported_model(path, backend):
+    """The exported file ``path`` run by ``backend`` (gn_det.deploy: TorchScript, ONNX Runtime, OpenVINO)."""
+    from gn_det.deploy import load_exported
+
+    return load_exported(path, backend)
+
+
+def _lazy_predictor(config_file, weights, opts, device, backend="torch"):
     """A LazyConfig's ``model``, device ``train.device``, resize and dataset of ``dataloader.test``, as
     detectron2's ``tools/lazyconfig_train_net.py`` reads them."""
     check_model_files(config_file, weights)
     cfg = load_lazy_config(config_file, opts)
-    if "model" not in cfg:
+    if backend != "torch":
+        model = exported_model(weights, backend)
+    elif "model" not in cfg:
         raise InputError(f"{config_file}: a Python config needs a 'model' to predict with")
-    model = instantiate(cfg.model)
-    model.to(available_device(device or cfg.get("train", {}).get("device", "cpu")))
-    GNCheckpointer(model, strict=True).load(weights)
+    else:
+        model = instantiate(cfg.model)
+        model.to(available_device(device or cfg.get("train", {}).get("device", "cpu")))
+        GNCheckpointer(model, strict=True).load(weights)
     test_loader = cfg.get("dataloader", {}).get("test", {})
     augmentations = test_loader.get("mapper", {}).get("augmentations")
     # detectron2's default test resize (LazyConfig common/data/coco.py) when the config names none

@@ -3,6 +3,7 @@
 
     python3 tools/benchmark.py --size 512 --images 2 --warmup 1 --repeats 3 --rounds 3 --output benchmark.json
     python3 tools/benchmark.py ... --baseline-source ../other-checkout   # adds that checkout's code as a variant
+    python3 tools/benchmark.py --protocol export --size 512 --warmup 1 --repeats 3   # eager vs exported models
 
 Each variant runs in its own subprocess; see gn_det/analysis/benchmark.py for what is measured and how.
 """
@@ -31,6 +32,10 @@ def main(argv):
           flush=True)
 
     def report_progress(name, result):
+        if result["train_s_per_iter"] is None:  # --protocol export: inference only
+            print(f"  {name}: infer {result['infer_s_per_image']:.3f} s/image, peak {result['infer_peak_mib']:.0f} "
+                  "MiB", flush=True)
+            return
         print(f"  {name}: train {result['train_s_per_iter']:.3f} s/iter, "
               f"infer {result['infer_s_per_image']:.3f} s/image, peak {result['train_peak_mib']:.0f} MiB",
               flush=True)

@@ -55,7 +55,23 @@ VARIANTS = {
     "gn_fast": {"config": GN_CONFIG, "options": SWITCHES + ["MODEL.CPU_FAST_PATH", "True"]},
     "bnstar_fp32": {"config": "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x_bnstar.yaml", "options": []},
     "baseline_fast": {"config": GN_CONFIG, "options": SWITCHES, "source": "baseline"},
+    # Exported models (gn_det.deploy), inference only, timed with --protocol export. "export": (format, ONNX
+    # runtime the file is for, backend that runs it, OpenVINO precision hint).
+    "d2_gn_onnxruntime": {"config": D2_GN_CONFIG, "options": [], "export": ("onnx", "onnxruntime", "onnxruntime", "")},
+    "d2_gn_openvino_f32": {"config": D2_GN_CONFIG, "options": [],
+                           "export": ("onnx", "onnxruntime", "openvino", "f32")},
+    "d2_gn_openvino": {"config": D2_GN_CONFIG, "options": [], "export": ("onnx", "onnxruntime", "openvino", "default")},
+    "gn_onnxruntime": {"config": GN_CONFIG, "options": [], "export": ("onnx", "onnxruntime", "onnxruntime", "")},
+    "gn_openvino_f32": {"config": GN_CONFIG, "options": [], "export": ("onnx", "openvino", "openvino", "f32")},
+    "gn_openvino": {"config": GN_CONFIG, "options": [], "export": ("onnx", "openvino", "openvino", "default")},
+    "gn_fast_torchscript": {"config": GN_CONFIG, "options": SWITCHES + ["MODEL.CPU_FAST_PATH", "True"],
+                            "export": ("torchscript", None, "torchscript", "")},
 }
+# --protocol export: detectron2's export protocol (one image per call, model.inference(..., do_postprocess=False),
+# no mask pasting), inference only; these variants by default, in this order.
+EXPORT_PROTOCOL_VARIANTS = ["d2_gn_fp32", "d2_gn_bf16_nhwc", "d2_gn_onnxruntime", "d2_gn_openvino_f32",
+                            "d2_gn_openvino", "gn_fast", "gn_fast_torchscript", "gn_onnxruntime", "gn_openvino_f32",
+                            "gn_openvino"]
 # The stock peer every variant is also compared with, when it runs.
 PEER = "d2_gn_bf16_nhwc"
 DEFAULT_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -99,6 +115,10 @@ def build_parser():
                         help="a gn-det checkout (the directory holding its gn_det/ and configs/) whose code the "
                              "baseline_fast variant runs, e.g. a worktree of an earlier commit")
     parser.add_argument("--output", help="write the results (and the settings) to this JSON file")
+    parser.add_argument("--protocol", choices=["train_infer", "export"], default="train_infer",
+                        help="train_infer: a training step and an inference call on --images images (postprocessed); "
+                             "export: detectron2's export protocol, inference only, one image per call before mask "
+                             "pasting (eager and exported variants alike)")
     return parser
 
 
@@ -106,9 +126,12 @@ def chosen_variants(args):
     """The variants to run: ``--variants``, or the default set for the device and ``--baseline-source``."""
     if args.variants:
         return args.variants
+    if args.protocol == "export":
+        return list(EXPORT_PROTOCOL_VARIANTS)
     on_cuda = args.device.startswith("cuda")
     return [name for name, spec in VARIANTS.items()
-            if (on_cuda or not spec.get("cuda")) and (args.baseline_source or "source" not in spec)]
+            if (on_cuda or not spec.get("cuda")) and (args.baseline_source or "source" not in spec)
+            and "export" not in spec]
 
 
 def is_detectron2_config(name):
@@ -183,6 +206,10 @@ def with_medians(result, images):
     per_call = {"train": ("train_s_per_iter", "train_cpu_s_per_iter", 1),
                 "infer": ("infer_s_per_image", "infer_cpu_s_per_image", images)}
     for phase, (wall_key, cpu_key, divisor) in per_call.items():
+        if result.get(f"{phase}_times") is None:  # --protocol export: no training; one image per call
+            result[wall_key] = result[cpu_key] = None
+            continue
+        divisor = 1 if result.get("protocol") == "export" else divisor
         result[wall_key] = statistics.median(result[f"{phase}_times"]["wall_s"]) / divisor
         result[cpu_key] = statistics.median(result[f"{phase}_times"]["cpu_s"]) / divisor
     return result
@@ -248,6 +275,8 @@ def measure_variant(name, args):
     calibrate_frozen_batchnorm(model, test_batch)
 
     model.eval()
+    if args.protocol == "export":
+        return measure_export_protocol(name, args, model, test_batch[0]["image"], autocast, device)
 
     def inference_step():
         with torch.no_grad(), autocast():
@@ -287,6 +316,50 @@ def measure_variant(name, args):
     }, args.images)
 
 
+def measure_export_protocol(name, args, model, image, autocast, device):
+    """Inference s/image of one variant under detectron2's export protocol: one image per call, the output
+    before mask pasting (``model.inference(..., do_postprocess=False)`` for R-CNN models). An eager variant
+    calls the model so; an exported one (``"export"`` in its spec) is exported by ``gn_det.deploy`` from the
+    same model (same random weights) and the file run by its backend (``ExportedDetector.instances``)."""
+    import tempfile
+
+    import torch
+
+    import gn_det
+    from gn_det.deploy import export_model, load_exported
+    from gn_det.deploy.export import export_inference
+
+    export = VARIANTS[name].get("export")
+    extra = {}
+    if export:
+        fmt, target, backend, precision = export
+        with tempfile.TemporaryDirectory() as tmp:
+            path = export_model(model, image, fmt, tmp, target or "onnxruntime")
+            extra["file_mib"] = os.path.getsize(path) / 2**20
+            exported = load_exported(path, backend, openvino_precision=precision or "default",
+                                     threads=max(args.threads, 0))
+        extra["openvino_precision"] = getattr(exported, "openvino_precision", None)
+        del model
+
+        def inference_step():
+            exported.instances(image)
+    else:
+        inference = export_inference(model) or (lambda model, inputs: model(inputs))
+
+        def inference_step():
+            with torch.no_grad(), autocast():
+                inference(model, [{"image": image}])
+
+    infer_times = timed_calls(inference_step, args.warmup, args.repeats, device)
+    return with_medians({
+        "config": VARIANTS[name]["config"], "options": VARIANTS[name]["options"] + list(args.config),
+        "protocol": "export", "export": export, **extra,
+        "gn_det": os.path.dirname(os.path.dirname(os.path.abspath(gn_det.__file__))),
+        "threads": torch.get_num_threads(), "train_times": None, "infer_times": infer_times,
+        "infer_peak_mib": peak_memory_mib(device), "train_peak_mib": None,
+    }, 1)
+
+
 # The child's code: the working directory (sys.path[0] under -c) leaves the path, so a gn_det/ there cannot shadow
 # the variant's.
 RUN_FILE = ("import runpy, sys; del sys.path[0]; sys.argv = sys.argv[1:]; "
@@ -320,6 +393,8 @@ def merge_rounds(rounds, images):
     peak memory the highest of any round."""
     merged = dict(rounds[0])
     for phase in ("train", "infer"):
+        if rounds[0][f"{phase}_times"] is None:
+            continue
         merged[f"{phase}_times"] = {clock: [t for result in rounds for t in result[f"{phase}_times"][clock]]
                                     for clock in ("wall_s", "cpu_s")}
         merged[f"{phase}_peak_mib"] = max(result[f"{phase}_peak_mib"] for result in rounds)
@@ -347,7 +422,8 @@ def run_benchmark(args, argv, on_result=None):
         "settings": {"argv": list(argv), "size": args.size, "images": args.images, "warmup": args.warmup,
                      "repeats": args.repeats, "rounds": args.rounds, "device": args.device, "config": args.config,
                      "torch": torch.__version__, "cpus": os.cpu_count(),
-                     "baseline_source": args.baseline_source, "platform": platform.platform()},
+                     "baseline_source": args.baseline_source, "platform": platform.platform(),
+                     "protocol": args.protocol},
         "baseline": variants[0],
         "variants": results,
     }
@@ -360,6 +436,8 @@ def markdown_table(report, clock="wall"):
 
     ``clock`` "wall" reports wall-clock times, "cpu" the process CPU times of the same runs.
     """
+    if report["settings"].get("protocol") == "export":
+        return export_protocol_table(report, clock)
     train_key, infer_key = {"wall": ("train_s_per_iter", "infer_s_per_image"),
                             "cpu": ("train_cpu_s_per_iter", "infer_cpu_s_per_image")}[clock]
     unit = "s" if clock == "wall" else "cpu-s"
@@ -378,6 +456,26 @@ def markdown_table(report, clock="wall"):
                "peak MiB (train)", "peak vs base", "peak MiB (infer)"]
     return tabulate(rows, headers=headers, tablefmt="pipe", floatfmt=".3f")
 
+
+
+def export_protocol_table(report, clock="wall"):
+    """The ``--protocol export`` results as a Markdown table: inference s/image, "x base" relative to the first
+    variant, "x best d2" relative to the fastest stock detectron2 variant (eager or exported) that ran."""
+    key = {"wall": "infer_s_per_image", "cpu": "infer_cpu_s_per_image"}[clock]
+    unit = "s" if clock == "wall" else "cpu-s"
+    variants = report["variants"]
+    base = variants[report["baseline"]][key]
+    stock = [r[key] for name, r in variants.items() if is_detectron2_config(name)]
+    best_stock = min(stock) if stock else None
+    rows = []
+    for name, r in variants.items():
+        what = "eager" if not r.get("export") else f"{r['export'][0]} in {r['export'][2]}"
+        if r.get("openvino_precision"):
+            what += f" ({r['openvino_precision']})"
+        rows.append([name, what, r[key], base / r[key], best_stock / r[key] if best_stock else None,
+                     r["infer_peak_mib"]])
+    return tabulate(rows, headers=["variant", "runs as", f"infer {unit}/img", "x base", "x best d2",
+                                   "peak MiB (infer)"], tablefmt="pipe", floatfmt=".3f")
 
 if __name__ == "__main__":
     # Child process of measure_in_subprocess: --measure NAME RESULT_PATH, then the tool's own arguments.

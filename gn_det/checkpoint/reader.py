@@ -12,6 +12,11 @@ of weights in gn-det goes through :func:`read_weights`:
 
 A file that is missing, empty, truncated, not a weights file, or that names any other type, is one
 :class:`gn_det.InputError` naming the file (and the type it tried to load); nothing of it runs.
+
+Exported models (``gn_det.deploy``) are weights files too: :func:`read_torchscript` and :func:`read_onnx` check
+the file (present, not empty, of its format) the same way before a runtime takes it. A TorchScript file holds
+its graph as TorchScript, which the TorchScript interpreter runs (no Python is unpickled or imported); an ONNX
+file is a protobuf of operators the runtime implements.
 :class:`GNCheckpointer` is detectron2's ``DetectionCheckpointer`` reading through it.
 """
 import io
@@ -100,6 +105,54 @@ def read_weights(path, what="weights file"):
             TypeError, AttributeError, ImportError, OverflowError, MemoryError) as err:
         # what a truncated or foreign file raises from pickle, torch's zip reader or safetensors' header parser
         raise InputError(f"{what} {path} is not a readable checkpoint ({_one_line(err)[:200]})") from None
+
+
+def _read_bytes(path, what):
+    """The bytes of file ``path``; an InputError naming ``what`` and the file if it is missing, a folder or empty."""
+    local = PathManager.get_local_path(path)
+    if os.path.isdir(local):
+        raise InputError(f"{what} {path} is a folder, not a file")
+    if not os.path.isfile(local):
+        raise InputError(f"{what} {path} does not exist")
+    try:
+        with open(local, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise InputError(f"{what} {path} cannot be read ({err.strerror})") from None
+    if not data:
+        raise InputError(f"{what} {path} is empty")
+    return data
+
+
+def read_torchscript(path, extra_files=(), what="TorchScript file"):
+    """``(module, {name: text})``: the TorchScript module of ``path`` on the CPU and the extra files named
+    ``extra_files`` ("" where absent); an InputError naming the file if it is not a TorchScript archive."""
+    data = _read_bytes(path, what)
+    if not zipfile.is_zipfile(io.BytesIO(data)):
+        raise InputError(f"{what} {path} is not a TorchScript file (not a zip archive)")
+    extras = {name: "" for name in extra_files}
+    try:
+        module = torch.jit.load(io.BytesIO(data), map_location="cpu", _extra_files=extras)
+    except (RuntimeError, ValueError, zipfile.BadZipFile) as err:
+        raise InputError(f"{what} {path} is not a readable TorchScript file ({_one_line(err)[:200]})") from None
+    return module, {name: value.decode() if isinstance(value, bytes) else value for name, value in extras.items()}
+
+
+def read_onnx(path, what="ONNX file"):
+    """``(serialized bytes, onnx.ModelProto)`` of the ONNX file ``path``, parsed and checked by ``onnx``; an
+    InputError naming the file if it is not an ONNX model."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    data = _read_bytes(path, what)
+    try:
+        model = onnx.load_model_from_string(data)
+        if not model.graph.node:
+            raise ValueError("no graph")
+        onnx.checker.check_model(model)
+    except (DecodeError, ValueError, RuntimeError, onnx.checker.ValidationError) as err:
+        raise InputError(f"{what} {path} is not a readable ONNX model ({_one_line(err)[:200]})") from None
+    return data, model
 
 
 def read_checkpoint(path, what="weights file"):

@@ -7,9 +7,13 @@ alone, so NMS over the pairs above a score t decides those pairs exactly as NMS 
 every survivor above t outranks every pair below it. Once the pairs above t leave ``DETECTIONS_PER_IMAGE``
 survivors, those are the full run's detections, and the rest need no NMS.
 """
+from typing import Tuple
+
 import torch
+from torchvision.ops import batched_nms
 
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers, fast_rcnn_inference_single_image
+from detectron2.structures import Boxes, Instances
 
 # Pairs that the first NMS runs on, per detection kept; each retry takes 4x more.
 FIRST_CANDIDATES_PER_DETECTION = 4
@@ -42,12 +46,73 @@ def top_scores_first_inference_single_image(boxes, scores, image_shape, score_th
     return fast_rcnn_inference_single_image(boxes, scores, image_shape, score_thresh, nms_thresh, topk_per_image)
 
 
+def traceable_top_scores_first_inference_single_image(boxes, scores, image_shape, score_thresh, nms_thresh,
+                                                      topk_per_image):
+    """:func:`top_scores_first_inference_single_image` in a form ``torch.jit.trace`` records whole: the box
+    clipping is traced, the retry loop and detectron2's selection (:func:`_select_top_scores_first`) are
+    TorchScript, so the exported file keeps the loop and decides every threshold on its own input."""
+    valid = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores).all(dim=1)
+    num_bbox_reg_classes = boxes.shape[1] // 4
+    clipped = Boxes(boxes.reshape(-1, 4))
+    clipped.clip(image_shape)
+    kept_boxes, kept_scores, classes, rows = _select_top_scores_first(
+        clipped.tensor.view(-1, num_bbox_reg_classes, 4), scores, valid, float(score_thresh), float(nms_thresh),
+        int(topk_per_image), FIRST_CANDIDATES_PER_DETECTION, GROWTH)
+    result = Instances(image_shape)
+    result.pred_boxes = Boxes(kept_boxes)
+    result.scores = kept_scores
+    result.pred_classes = classes
+    return result, rows
+
+
+@torch.jit.script_if_tracing
+def _select_top_scores_first(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor, score_thresh: float,
+                             nms_thresh: float, topk_per_image: int, first_candidates: int,
+                             growth: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # the loop of top_scores_first_inference_single_image, in TorchScript
+    if topk_per_image >= 0:
+        foreground = scores[:, :-1].flatten()
+        candidates = first_candidates * max(topk_per_image, 1)
+        while candidates < foreground.numel():
+            thresh = float(foreground.topk(candidates + 1).values[-1])
+            if not thresh > score_thresh:
+                break
+            result = _select(boxes, scores, valid, thresh, nms_thresh, topk_per_image)
+            if result[0].shape[0] >= topk_per_image:
+                return result
+            candidates *= growth
+    return _select(boxes, scores, valid, score_thresh, nms_thresh, topk_per_image)
+
+
+def _select(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor, score_thresh: float, nms_thresh: float,
+            topk_per_image: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # follows detectron2's fast_rcnn_inference_single_image after its box clipping (boxes: R x K x 4, clipped),
+    # in TorchScript; returns boxes, scores, classes and the rows they came from
+    if not bool(valid.all()):
+        boxes = boxes[valid]
+        scores = scores[valid]
+    scores = scores[:, :-1]
+    filter_mask = scores > score_thresh
+    filter_inds = filter_mask.nonzero()
+    if boxes.shape[1] == 1:
+        boxes = boxes[filter_inds[:, 0], 0]
+    else:
+        boxes = boxes[filter_mask]
+    scores = scores[filter_mask]
+    keep = batched_nms(boxes, scores, filter_inds[:, 1], nms_thresh)
+    if topk_per_image >= 0:
+        keep = keep[:topk_per_image]
+    filter_inds = filter_inds[keep]
+    return boxes[keep], scores[keep], filter_inds[:, 1], filter_inds[:, 0]
+
+
 class TopScoresFirstOutputLayers(FastRCNNOutputLayers):
     """detectron2's FastRCNNOutputLayers whose CPU inference runs NMS on the top-scoring pairs first.
 
     Same parameters, losses and detections (see :func:`top_scores_first_inference_single_image`); only
     ``inference`` differs, and off the CPU it is detectron2's (``fast_rcnn_inference``: the retry loop reads a
-    threshold with ``.item()``, a device synchronisation per step on a GPU).
+    threshold with ``.item()``, a device synchronisation per step on a GPU). Under ``torch.jit.trace`` it runs
+    :func:`traceable_top_scores_first_inference_single_image`, the same selection with the loop in TorchScript.
     """
 
     @classmethod
@@ -65,9 +130,12 @@ class TopScoresFirstOutputLayers(FastRCNNOutputLayers):
             return super().inference(predictions, proposals)
         boxes = self.predict_boxes(predictions, proposals)
         scores = self.predict_probs(predictions, proposals)
+        # in torch.jit.trace, the form whose file keeps the data-dependent loop
+        inference_single_image = (traceable_top_scores_first_inference_single_image if torch.jit.is_tracing()
+                                  else top_scores_first_inference_single_image)
         # detectron2's fast_rcnn_inference: the per-image function over the images, results split in two lists
         results = [
-            top_scores_first_inference_single_image(
+            inference_single_image(
                 boxes_per_image, scores_per_image, proposals_per_image.image_size, self.test_score_thresh,
                 self.test_nms_thresh, self.test_topk_per_image,
             )

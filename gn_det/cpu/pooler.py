@@ -55,7 +55,8 @@ class LayoutPreservingROIPooler(ROIPooler):
         )
         # No zero fill: assign_boxes_to_levels clamps every box into [min_level, max_level], so the levels'
         # index sets below cover every row exactly once.
-        output = torch.empty((len(boxes), x[0].shape[1], *self.output_size), dtype=x[0].dtype,
+        # boxes.shape[0], not len(boxes): torch.jit.trace records the size, not the traced image's count
+        output = torch.empty((boxes.shape[0], x[0].shape[1], *self.output_size), dtype=x[0].dtype,
                              device=x[0].device, memory_format=torch.channels_last)
         for level, pooler in enumerate(self.level_poolers):
             inds = nonzero_tuple(levels == level)[0]

@@ -35,7 +35,7 @@ def roi_align_sampling_matrix(rois, spatial_scale, output_size, sampling_ratio, 
         grid_w = torch.ceil(roi_w / bins_w).long().clamp(min=0)
     points_per_roi = bins_h * bins_w * grid_h * grid_w
     roi = torch.repeat_interleave(torch.arange(num_rois, device=rois.device), points_per_roi)
-    local = torch.arange(roi.numel(), device=rois.device) - (torch.cumsum(points_per_roi, 0) - points_per_roi)[roi]
+    local = torch.arange(roi.shape[0], device=rois.device) - (torch.cumsum(points_per_roi, 0) - points_per_roi)[roi]
     # local = ((ph * bins_w + pw) * grid_h + iy) * grid_w + ix, the kernel's loop order
     gh, gw = grid_h[roi], grid_w[roi]
     ix, rest = local % gw, local // gw
@@ -89,14 +89,16 @@ class SparseMatrixROIAlign(ROIAlign):
             input.shape,
         )
         num_rows = rois.shape[0] * bins_h * bins_w
-        entries_per_row = torch.bincount(rows, minlength=num_rows) * 4
+        # rows (one per sampling point, 4 entries each) are non-decreasing: a row's first point is where its
+        # index would be inserted (a row without points, of an empty RoI, gets an empty bag); this needs no
+        # bincount, which torch.jit.trace's ONNX export lacks
+        offsets = torch.searchsorted(rows, torch.arange(num_rows, device=rows.device)) * 4
         pixels = input.permute(0, 2, 3, 1).reshape(-1, input.shape[1])  # a view when channels_last
         if pools_in_bfloat16(input):
             weights = weights.to(input.dtype)
         else:
             pixels = pixels.float()
-        pooled = F.embedding_bag(cols, pixels, torch.cumsum(entries_per_row, 0) - entries_per_row, mode="sum",
-                                 per_sample_weights=weights)
+        pooled = F.embedding_bag(cols, pixels, offsets, mode="sum", per_sample_weights=weights)
         pooled = pooled.view(-1, bins_h, bins_w, input.shape[1]).permute(0, 3, 1, 2)  # channels_last
         if is_channels_last(input):
             return pooled.to(input.dtype)

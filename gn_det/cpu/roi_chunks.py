@@ -42,6 +42,20 @@ class RoIChunkedInference:
         if not budget or self.training or x.device.type != "cpu" or len(x) == 0:
             return run(x)
         rois_per_chunk = max(1, budget // (x[0].numel() * x.element_size()))
+        if torch.jit.is_tracing():
+            return torch.cat(traceable_chunks(run, x, rois_per_chunk))
         if len(x) <= rois_per_chunk:
             return run(x)
         return torch.cat([run(chunk) for chunk in x.split(rois_per_chunk)])
+
+
+def traceable_chunks(run, x, rois_per_chunk):
+    """``run`` over chunks of ``x`` in a form torch.jit.trace records for any number of RoIs.
+
+    The traced file splits every input into as many chunks as the traced example needed (``len(x)`` is a constant
+    of the trace), each ``ceil(n / chunks)`` RoIs at run time: the same arithmetic per RoI for any ``n``, chunks
+    of at most ``rois_per_chunk`` RoIs up to the traced example's count (the RoI heads' count is fixed by
+    ``MODEL.RPN.POST_NMS_TOPK_TEST`` and ``TEST.DETECTIONS_PER_IMAGE``; export with an image that reaches it).
+    """
+    chunks = max(1, -(-len(x) // rois_per_chunk))
+    return [run(chunk) for chunk in torch.tensor_split(x, chunks)]

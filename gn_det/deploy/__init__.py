@@ -1,0 +1,14 @@
+"""Deployment: export any gn-det model to TorchScript or ONNX, and run the exported file.
+
+- :mod:`gn_det.deploy.export`: detectron2.export's ``TracingAdapter`` around the model (detectron2's export
+  protocol: ``model.inference(inputs, do_postprocess=False)``), traced to TorchScript or exported to ONNX at the
+  opset its runtime runs fastest (:data:`~gn_det.deploy.export.ONNX_TARGETS`), written through a temporary file.
+- :mod:`gn_det.deploy.runtimes`: TorchScript, ONNX Runtime and OpenVINO loaders that read the file through
+  ``gn_det.checkpoint.reader`` and return detectron2 ``Instances`` the same way, callable like a detectron2 model
+  (so ``inference_on_dataset`` and gn-det's predictor take them).
+- :mod:`gn_det.deploy.evaluate`: COCO box / mask AP of any of them with detectron2's ``COCOEvaluator``.
+
+Commands, measurements and the opset decision: docs/DEPLOY.md.
+"""
+from .export import FORMATS, ONNX_TARGETS, export_from_config, export_model
+from .runtimes import BACKENDS, ExportedDetector, load_exported
