@@ -117,7 +117,7 @@ def load_predictor(config_file, weights, opts=(), device=None, backend="torch"):
 
 def exported_model(path, backend):
     """The exported file ``path`` run by ``backend`` (gn_det.deploy: TorchScript, ONNX Runtime, OpenVINO)."""
-    from gn_det.deploy import load_exported
+    from gn_det.deploy.runtimes import load_exported
 
     return load_exported(path, backend)
 

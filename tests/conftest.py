@@ -1,3 +1,5 @@
+import contextlib
+import io
 import os
 import runpy
 import sys
@@ -20,12 +22,15 @@ def tool_exit_message(tool, *args):
     subprocess test (tests/test_boundaries.py)."""
     argv = sys.argv
     sys.argv = [tool, *map(str, args)]
+    stderr = io.StringIO()
     try:
-        with pytest.raises(SystemExit) as exit_:
+        with pytest.raises(SystemExit) as exit_, contextlib.redirect_stderr(stderr):
             runpy.run_path(os.path.join(REPO, "tools", tool), run_name="__main__")
     finally:
         sys.argv = argv
     message = exit_.value.code
+    if message == 2:  # argparse's own error: its usage, then "TOOL: error: ..."
+        message = stderr.getvalue().strip().splitlines()[-1]
     assert isinstance(message, str) and message.startswith(f"{tool}: error: ") and "\n" not in message, message
     return message
 

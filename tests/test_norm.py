@@ -7,7 +7,6 @@ pytest.importorskip("detectron2")
 import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from detectron2.layers import FrozenBatchNorm2d  # noqa: E402
 from gn_det.config import get_gn_cfg  # noqa: E402
 from gn_det.errors import InputError  # noqa: E402
 from gn_det.layers import NORM_NAMES, GroupNorm, GroupNormSpec, num_groups_for  # noqa: E402

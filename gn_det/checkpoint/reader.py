@@ -74,9 +74,7 @@ def read_weights(path, what="weights file"):
     """The object stored in the weights file ``path`` (a path or a URL detectron2's PathManager resolves),
     read without running any of its code; an InputError naming ``what`` and the file otherwise."""
     local = PathManager.get_local_path(path)
-    data = read_input_file(local, what)
-    if not data:
-        raise InputError(f"{what} {path} is empty")
+    data = _read_bytes(path, what)
     try:
         if local.endswith(".pkl"):
             return WeightsUnpickler(io.BytesIO(data), encoding="latin1").load()
@@ -108,17 +106,8 @@ def read_weights(path, what="weights file"):
 
 
 def _read_bytes(path, what):
-    """The bytes of file ``path``; an InputError naming ``what`` and the file if it is missing, a folder or empty."""
-    local = PathManager.get_local_path(path)
-    if os.path.isdir(local):
-        raise InputError(f"{what} {path} is a folder, not a file")
-    if not os.path.isfile(local):
-        raise InputError(f"{what} {path} does not exist")
-    try:
-        with open(local, "rb") as f:
-            data = f.read()
-    except OSError as err:
-        raise InputError(f"{what} {path} cannot be read ({err.strerror})") from None
+    """The bytes of file ``path`` (:func:`gn_det.fileio.read_input_file`), which must not be empty."""
+    data = read_input_file(PathManager.get_local_path(path), what)
     if not data:
         raise InputError(f"{what} {path} is empty")
     return data

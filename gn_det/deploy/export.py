@@ -12,7 +12,6 @@ precision the traced graph was recorded under.
 - ONNX takes fp32 models without the fast path (:func:`check_exportable`). Its GroupNorm form is chosen by the
   runtime the file is for (:data:`ONNX_TARGETS`).
 """
-import contextlib
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ from detectron2.modeling import GeneralizedRCNN
 
 from gn_det.errors import InputError
 
-from .schema import schema_to_json
+from .schema import METADATA_FILE, METADATA_KEY, eager_autocast_in_torchscript, schema_to_json
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +36,6 @@ FILE_NAMES = {"torchscript": "model.ts", "onnx": "model.onnx"}
 ONNX_TARGETS = {"onnxruntime": 17, "openvino": 21}
 # the opset torch's TorchScript-based ONNX exporter writes before GroupNorm is fused for opset 21 (its last)
 ONNX_EXPORT_OPSET_FOR_21 = 20
-METADATA_KEY = "gn_det"  # TorchScript extra file / ONNX metadata_props key of the JSON metadata
-METADATA_FILE = METADATA_KEY + ".json"
 
 
 def fast_path_settings(model):
@@ -87,18 +84,6 @@ def export_inference(model):
             return [{"instances": model.inference(inputs, do_postprocess=False)[0]}]
         return inference
     return None
-
-
-@contextlib.contextmanager
-def eager_autocast_in_torchscript():
-    """TorchScript's own autocast pass off: a graph traced under autocast holds eager autocast's casts, and the
-    TorchScript functions it calls (torchvision's batched NMS, gn-det's top-scores-first selection) run under
-    eager autocast as in eager mode. Used around tracing and around running a traced file."""
-    previous = torch._C._jit_set_autocast_mode(False)
-    try:
-        yield
-    finally:
-        torch._C._jit_set_autocast_mode(previous)
 
 
 def export_model(model, image, fmt, output_dir, target="onnxruntime", input_format="BGR"):

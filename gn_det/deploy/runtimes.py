@@ -18,8 +18,7 @@ from detectron2.modeling.postprocessing import detector_postprocess
 from gn_det.checkpoint.reader import read_onnx, read_torchscript
 from gn_det.errors import InputError
 
-from .export import METADATA_FILE, METADATA_KEY, eager_autocast_in_torchscript
-from .schema import schema_from_json
+from .schema import METADATA_FILE, METADATA_KEY, eager_autocast_in_torchscript, schema_from_json
 
 BACKENDS = ("torchscript", "onnxruntime", "openvino")
 # OpenVINO's INFERENCE_PRECISION_HINT: "default" leaves OpenVINO's choice (bf16 on a CPU with AVX512-BF16 or AMX)

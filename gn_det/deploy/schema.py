@@ -5,13 +5,18 @@ flat tuple of tensors a traced or ONNX model returns. It is a tree of detectron2
 JSON (no pickle: an exported file is read without running anything of it) and reads it back into those same
 classes, so an exported file's outputs are rebuilt by detectron2's own code.
 """
+import contextlib
 import dataclasses
+
+import torch
 
 from detectron2.export.flatten import (DictSchema, IdentitySchema, InstancesSchema, ListSchema, TensorWrapSchema,
                                        TupleSchema)
 
 from gn_det.errors import InputError
 
+METADATA_KEY = "gn_det"  # TorchScript extra file / ONNX metadata_props key of the JSON metadata
+METADATA_FILE = METADATA_KEY + ".json"
 SCHEMAS = {cls.__name__: cls for cls in (ListSchema, TupleSchema, IdentitySchema, DictSchema, InstancesSchema,
                                          TensorWrapSchema)}
 # the only classes a TensorWrapSchema may rebuild (detectron2's flatten_to_tuple wraps these)
@@ -43,3 +48,15 @@ def schema_from_json(data, source):
         return cls(**kwargs)
     except (KeyError, TypeError, ValueError) as err:
         raise InputError(f"{source}: its output schema is not one gn-det wrote ({err})") from None
+
+
+@contextlib.contextmanager
+def eager_autocast_in_torchscript():
+    """TorchScript's own autocast pass off: a graph traced under autocast holds eager autocast's casts, and the
+    TorchScript functions it calls (torchvision's batched NMS, gn-det's top-scores-first selection) run under
+    eager autocast as in eager mode. Used around tracing and around running a traced file."""
+    previous = torch._C._jit_set_autocast_mode(False)
+    try:
+        yield
+    finally:
+        torch._C._jit_set_autocast_mode(previous)

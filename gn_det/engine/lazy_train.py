@@ -8,7 +8,6 @@ optimizer's parameter groups logged as a table, ``results.json`` after every eva
 line, CPU processes through gloo.
 """
 import logging
-import os
 
 from detectron2.config import instantiate
 from detectron2.engine import AMPTrainer, SimpleTrainer, default_writers, hooks
