@@ -3,8 +3,8 @@
 The variants (``VARIANTS``): stock detectron2 GN in fp32, and as a user would speed it up without gn-det
 (``d2_gn_bf16_nhwc``: channels_last weights under bf16 autocast; on CUDA also ``d2_gn_amp``, detectron2's own
 ``AMPTrainer``); gn-det in fp32, with only ``MODEL.PRECISION bf16`` + ``MODEL.CHANNELS_LAST`` (``gn_switches``)
-and with the CPU fast path as well (``gn_fast``); BN* in fp32; and optionally ``baseline_fast``, the fast
-settings of another checkout's code (``--baseline-source``), timed side by side in the same run.
+and with the CPU fast path as well (``gn_fast``); BN* in fp32. To time another commit, run the same command in a
+worktree of it.
 
 Every variant runs in a fresh subprocess, so its peak memory (RSS high-water mark on CPU,
 ``torch.cuda.max_memory_allocated`` on CUDA) is its own, on the same deterministic inputs: ``--images``
@@ -43,9 +43,7 @@ SWITCHES = ["MODEL.PRECISION", "bf16", "MODEL.CHANNELS_LAST", "True"]
 # "bf16_nhwc" converts the weights to channels_last and runs every step under bf16 autocast (what a user gets
 # without gn-det), "amp" trains with detectron2's own AMPTrainer (SOLVER.AMP.ENABLED, fp16, CUDA only) and
 # infers under fp16 autocast. A config starting with "detectron2://" is a detectron2 model-zoo file; others are
-# relative to the configs/ directory of the gn-det the variant imports. "source": the variant imports the gn_det
-# of the checkout given by --baseline-source instead of this one (the code as it is there, with its own
-# configs: its fast path was PRECISION + CHANNELS_LAST alone).
+# relative to gn-det's configs/ directory.
 VARIANTS = {
     "d2_gn_fp32": {"config": D2_GN_CONFIG, "options": []},
     "d2_gn_bf16_nhwc": {"config": D2_GN_CONFIG, "options": [], "wrap": "bf16_nhwc"},
@@ -54,7 +52,6 @@ VARIANTS = {
     "gn_switches": {"config": GN_CONFIG, "options": SWITCHES},
     "gn_fast": {"config": GN_CONFIG, "options": SWITCHES + ["MODEL.CPU_FAST_PATH", "True"]},
     "bnstar_fp32": {"config": "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x_bnstar.yaml", "options": []},
-    "baseline_fast": {"config": GN_CONFIG, "options": SWITCHES, "source": "baseline"},
     # Exported models (gn_det.deploy), inference only, timed with --protocol export. "export": (format, ONNX
     # runtime the file is for, backend that runs it, OpenVINO precision hint).
     "d2_gn_onnxruntime": {"config": D2_GN_CONFIG, "options": [], "export": ("onnx", "onnxruntime", "onnxruntime", "")},
@@ -105,15 +102,12 @@ def build_parser():
                              "median is taken over the timed iterations of every round")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
                         help="variants to run; ratios are to the first one and to d2_gn_bf16_nhwc. Default: all "
-                             "but baseline_fast (added with --baseline-source) and, on CPU, d2_gn_amp")
+                             "but, on CPU, d2_gn_amp")
     parser.add_argument("--config", nargs="*", default=[], metavar="KEY VALUE",
                         help="config overrides applied to every variant, e.g. MODEL.ROI_HEADS.NUM_CLASSES 3")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads per variant; 0: torch's default")
     parser.add_argument("--config-dir", default=DEFAULT_CONFIG_DIR, help="gn-det's configs/ directory")
-    parser.add_argument("--baseline-source", metavar="DIR",
-                        help="a gn-det checkout (the directory holding its gn_det/ and configs/) whose code the "
-                             "baseline_fast variant runs, e.g. a worktree of an earlier commit")
     parser.add_argument("--output", help="write the results (and the settings) to this JSON file")
     parser.add_argument("--protocol", choices=["train_infer", "export"], default="train_infer",
                         help="train_infer: a training step and an inference call on --images images (postprocessed); "
@@ -123,29 +117,19 @@ def build_parser():
 
 
 def chosen_variants(args):
-    """The variants to run: ``--variants``, or the default set for the device and ``--baseline-source``."""
+    """The variants to run: ``--variants``, or the default set for the device."""
     if args.variants:
         return args.variants
     if args.protocol == "export":
         return list(EXPORT_PROTOCOL_VARIANTS)
     on_cuda = args.device.startswith("cuda")
     return [name for name, spec in VARIANTS.items()
-            if (on_cuda or not spec.get("cuda")) and (args.baseline_source or "source" not in spec)
-            and "export" not in spec]
+            if (on_cuda or not spec.get("cuda")) and "export" not in spec]
 
 
 def is_detectron2_config(name):
     """Whether variant ``name`` is stock detectron2 (a model-zoo config) rather than one of gn-det's."""
     return VARIANTS[name]["config"].startswith("detectron2://")
-
-
-def gn_det_root(name, args):
-    """The directory whose ``gn_det`` package variant ``name`` imports."""
-    if "source" in VARIANTS[name]:
-        return os.path.abspath(args.baseline_source)
-    import gn_det
-
-    return os.path.dirname(os.path.dirname(os.path.abspath(gn_det.__file__)))
 
 
 def variant_cfg(name, args):
@@ -157,8 +141,6 @@ def variant_cfg(name, args):
     config, extra = VARIANTS[name]["config"], VARIANTS[name]["options"]
     if is_detectron2_config(name):
         path = get_config_file(config[len("detectron2://"):])
-    elif "source" in VARIANTS[name]:
-        path = os.path.join(args.baseline_source, "configs", config)
     else:
         path = os.path.join(args.config_dir, config)
     size = str(args.size)
@@ -369,11 +351,12 @@ RUN_FILE = ("import runpy, sys; del sys.path[0]; sys.argv = sys.argv[1:]; "
 def measure_in_subprocess(name, args, argv):
     """``measure_variant`` in a fresh Python process, so peak memory is the variant's alone.
 
-    The process runs this file's measurement code with the variant's ``gn_det`` first on its path
-    (:func:`gn_det_root`), so every variant is timed the same way whatever code it runs.
+    The process runs this file's measurement code with this checkout's ``gn_det`` first on its path.
     """
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [gn_det_root(name, args), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    import gn_det
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(gn_det.__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
     with tempfile.TemporaryDirectory() as tmp:
         result_path = os.path.join(tmp, "result.json")
         proc = subprocess.run(
@@ -422,7 +405,7 @@ def run_benchmark(args, argv, on_result=None):
         "settings": {"argv": list(argv), "size": args.size, "images": args.images, "warmup": args.warmup,
                      "repeats": args.repeats, "rounds": args.rounds, "device": args.device, "config": args.config,
                      "torch": torch.__version__, "cpus": os.cpu_count(),
-                     "baseline_source": args.baseline_source, "platform": platform.platform(),
+                     "platform": platform.platform(),
                      "protocol": args.protocol},
         "baseline": variants[0],
         "variants": results,
