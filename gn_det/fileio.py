@@ -102,3 +102,28 @@ def read_json(path, what="JSON file"):
         return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise InputError(f"{what} {path} is not valid JSON: {' '.join(str(err).split())[:160]}") from None
+
+
+class AtomicAppendFile:
+    """A file opened for appending whose appends reach ``path`` at each ``flush`` through :func:`atomic_write`
+    (the previous content plus what was appended, renamed into place), so a reader sees the file as it was
+    before or after a flush, never a cut line. It has no ``fileno``: there is no open file to sync."""
+
+    def __init__(self, path):
+        self.path = path
+        self._pending = []
+
+    def write(self, text):
+        self._pending.append(text)
+
+    def flush(self):
+        if not self._pending:
+            return
+        previous = read_input_file(self.path, "file") if os.path.isfile(self.path) else b""
+        with atomic_write(self.path, "wb") as f:
+            f.write(previous)
+            f.write("".join(self._pending).encode())
+        self._pending = []
+
+    def close(self):
+        self.flush()

@@ -85,3 +85,28 @@ def test_a_full_disk_while_checkpointing_ends_in_one_line_and_resume_continues(t
     assert (out / "model_final.pth").exists() and (out / "last_checkpoint").read_text() == "model_final.pth"
     iterations = [json.loads(line)["iteration"] for line in (out / "metrics.json").read_text().splitlines()]
     assert iterations[-1] == 2
+
+
+def test_metrics_json_appends_whole_lines_or_none(tmp_path, monkeypatch):
+    """metrics.json (detectron2's JSONWriter, gn-det's file handle): a flush that fills the disk leaves the
+    lines written before, and the next flush with space writes the lines of both."""
+    from detectron2.utils.events import EventStorage
+
+    from gn_det.engine.trainer import AtomicJSONWriter
+
+    path = tmp_path / "metrics.json"
+    writer = AtomicJSONWriter(str(path))
+    with EventStorage(0) as storage:
+        storage.put_scalar("total_loss", 1.0, smoothing_hint=False)
+        writer.write()
+        storage.iter = 1
+        storage.put_scalar("total_loss", 0.5, smoothing_hint=False)
+        with monkeypatch.context() as patched:
+            patched.setattr(os, "fsync", disk_full)
+            with pytest.raises(InputError, match=rf"^{path}: no space left on the device"):
+                writer.write()
+        assert [json.loads(line)["iteration"] for line in path.read_text().splitlines()] == [0]
+        storage.iter = 2
+        storage.put_scalar("total_loss", 0.25, smoothing_hint=False)
+        writer.write()
+    assert [json.loads(line)["iteration"] for line in path.read_text().splitlines()] == [0, 1, 2]

@@ -201,3 +201,23 @@ def test_every_gn_det_head_and_roi_heads_class_builds_from_a_python_config():
     c4.roi_heads._target_ = GNRes5ROIHeads
     gn_det.lazy.set_norm(c4, gn_det.GN(num_groups=16))
     assert instantiate(c4).roi_heads.res5[0].conv1.norm.num_groups == 16
+
+
+def test_predict_with_weights_of_another_norm_is_one_line(tmp_path):
+    """A BN* config given a GN run's weights: detectron2 alone would log the unloaded norms and predict from a
+    half-loaded model; gn-det's predict loads strictly and names the file and the first parameter."""
+    from PIL import Image
+
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    from conftest import tool_exit_message
+    from gn_det.config import get_gn_cfg
+
+    DetectionCheckpointer(build_model(get_gn_cfg(GN_YAML, ["MODEL.DEVICE", "cpu"])), str(tmp_path)).save("gn")
+    Image.new("RGB", (64, 48)).save(tmp_path / "a.png")
+    bnstar = os.path.join(CONFIG_DIR, "shapes", "mask_rcnn_R_18_FPN_bnstar.yaml")
+    message = tool_exit_message("predict.py", "--config-file", bnstar, "--weights", tmp_path / "gn.pth",
+                                tmp_path / "a.png", "--out", tmp_path / "out")
+    assert f"weights file {tmp_path}/gn.pth does not fit the model:" in message, message
+    assert not (tmp_path / "out").exists()

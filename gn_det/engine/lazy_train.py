@@ -10,7 +10,7 @@ line, CPU processes through gloo.
 import logging
 
 from detectron2.config import instantiate
-from detectron2.engine import AMPTrainer, SimpleTrainer, default_writers, hooks
+from detectron2.engine import AMPTrainer, SimpleTrainer, hooks
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
@@ -25,7 +25,8 @@ from gn_det.lazy import label_group_norm_sites, norm_slots
 from gn_det.solver import param_group_table
 
 from .plan import RunSettings
-from .trainer import PeakMemoryHook, ddp_device_arguments, training_errors_in_one_line, write_results
+from .trainer import (PeakMemoryHook, ddp_device_arguments, gn_writers, training_errors_in_one_line,
+                      write_results)
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ def do_train(args, cfg, model, preloaded=None):
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
         hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if main else None,
         hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
-        hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter),
+        hooks.PeriodicWriter(gn_writers(cfg.train.output_dir, cfg.train.max_iter),
                              period=cfg.train.log_period) if main else None,
     ])
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)

@@ -13,12 +13,14 @@ from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase, SimpleTraine
 from detectron2.engine.train_loop import TrainerBase
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
+from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
+from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 
 from gn_det.checkpoint.reader import GNCheckpointer
 from gn_det.data import CheckedDatasetMapper
 from gn_det.errors import InputError, one_line
-from gn_det.fileio import write_json_atomically
+from gn_det.fileio import AtomicAppendFile, write_json_atomically
 from gn_det.solver import build_gn_optimizer
 
 logger = logging.getLogger(__name__)
@@ -51,6 +53,24 @@ def ddp_device_arguments(device):
     model gets ``device_ids=None``. Other devices keep detectron2's default (no argument).
     """
     return {"device_ids": None} if torch.device(device).type == "cpu" else {}
+
+
+class AtomicJSONWriter(JSONWriter):
+    """detectron2's JSONWriter (``metrics.json``: one JSON object per line, appended) whose appends reach the file
+    through :class:`gn_det.fileio.AtomicAppendFile`, so a reader never sees a cut line."""
+
+    def __init__(self, json_file, window_size=20):
+        # follows JSONWriter.__init__, with the file handle gn-det's
+        self._file_handle = AtomicAppendFile(json_file)
+        self._window_size = window_size
+        self._last_write = -1
+
+
+def gn_writers(output_dir, max_iter):
+    """detectron2's ``default_writers`` (engine/defaults.py) with :class:`AtomicJSONWriter` for metrics.json."""
+    PathManager.mkdirs(output_dir)
+    return [CommonMetricPrinter(max_iter), AtomicJSONWriter(os.path.join(output_dir, "metrics.json")),
+            TensorboardXWriter(output_dir)]
 
 
 def log_input_errors_in_one_line(record):
@@ -123,6 +143,9 @@ class GNTrainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    def build_writers(self):
+        return gn_writers(self.cfg.OUTPUT_DIR, self.max_iter)
 
     def build_hooks(self):
         hooks = super().build_hooks()
