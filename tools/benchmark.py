@@ -2,12 +2,11 @@
 """Train s/iter, inference s/image and peak memory of stock detectron2 GN Mask R-CNN vs gn-det's variants.
 
     python3 tools/benchmark.py --size 512 --images 2 --warmup 1 --repeats 3 --rounds 3 --output benchmark.json
-    python3 tools/benchmark.py ... --baseline-source ../other-checkout   # adds that checkout's code as a variant
     python3 tools/benchmark.py --protocol export --size 512 --warmup 1 --repeats 3   # eager vs exported models
 
-Each variant runs in its own subprocess; see gn_det/analysis/benchmark.py for what is measured and how.
+Each variant runs in its own subprocess; see gn_det/analysis/benchmark.py for what is measured and how. To time
+another commit, run the same command in a worktree of it.
 """
-import os
 import sys
 
 from gn_det.analysis.benchmark import (VARIANTS, build_parser, chosen_variants, markdown_table, run_benchmark,
@@ -19,10 +18,6 @@ from gn_det.fileio import write_json_atomically
 def main(argv):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if "baseline_fast" in chosen_variants(args) and not args.baseline_source:
-        parser.error("variant baseline_fast needs --baseline-source DIR")
-    if args.baseline_source and not os.path.isdir(os.path.join(args.baseline_source, "gn_det")):
-        parser.error(f"--baseline-source {args.baseline_source}: no gn_det/ package there")
     for name in chosen_variants(args):  # a bad --config KEY VALUE stops here, before any variant runs
         if VARIANTS[name].get("cuda") and not args.device.startswith("cuda"):
             parser.error(f"variant {name} (detectron2's AMPTrainer, fp16) needs --device cuda")
