@@ -16,9 +16,8 @@ moment a fresh process is started to the end of the first training iteration:
 
 Both sides train the same model with the same settings (:data:`CONFIG`, :data:`TINY_OPTS`: stock detectron2's
 GN Mask R-CNN config at R-18, 64 px inputs, one iteration, no data-loader workers, no evaluation), so only the
-start-up differs. The end of the first iteration is taken by a hook that this module adds to detectron2's
-``DefaultTrainer`` (which gn-det's trainer extends) in the measured processes only; every process of a run
-writes its time, and the run's time is the slowest process's.
+start-up differs. The end of the first iteration is taken by a first hook of a subclass of each side's trainer
+(:func:`timed`); every process of a run writes its time, and the run's time is the slowest process's.
 
 This module is experiment code: nothing in gn-det's plugin imports it.
 """

@@ -29,10 +29,9 @@ logger = logging.getLogger(__name__)
 
 FORMATS = ("torchscript", "onnx")
 FILE_NAMES = {"torchscript": "model.ts", "onnx": "model.onnx"}
-# The ONNX opset per runtime, measured (docs/DEPLOY.md, "GroupNorm in ONNX"): ONNX Runtime 1.32 has no CPU kernel
-# for GroupNormalization-21 and runs it as its function body, 6x slower than the opset-17 decomposition
-# (Reshape -> InstanceNormalization -> Reshape -> Mul -> Add) that it runs as InstanceNormalization kernels;
-# OpenVINO 2026.4 has a GroupNormalization kernel, 2-4x faster than the decomposition there.
+# The ONNX opset per runtime (why, with the measurement: docs/DEPLOY.md, "GroupNorm in ONNX"): ONNX Runtime has no
+# CPU kernel for GroupNormalization-21 and runs its function body, so it gets the opset-17 decomposition
+# (Reshape -> InstanceNormalization -> Reshape -> Mul -> Add); OpenVINO has a GroupNormalization kernel.
 ONNX_TARGETS = {"onnxruntime": 17, "openvino": 21}
 # the opset torch's TorchScript-based ONNX exporter writes before GroupNorm is fused for opset 21 (its last)
 ONNX_EXPORT_OPSET_FOR_21 = 20
