@@ -112,6 +112,7 @@ class AtomicAppendFile:
     def __init__(self, path):
         self.path = path
         self._pending = []
+        self._written = None  # the file's content as last written, read from disk once
 
     def write(self, text):
         self._pending.append(text)
@@ -119,11 +120,12 @@ class AtomicAppendFile:
     def flush(self):
         if not self._pending:
             return
-        previous = read_input_file(self.path, "file") if os.path.isfile(self.path) else b""
+        if self._written is None:
+            self._written = read_input_file(self.path, "file") if os.path.isfile(self.path) else b""
+        content = self._written + "".join(self._pending).encode()
         with atomic_write(self.path, "wb") as f:
-            f.write(previous)
-            f.write("".join(self._pending).encode())
-        self._pending = []
+            f.write(content)
+        self._written, self._pending = content, []
 
     def close(self):
         self.flush()
