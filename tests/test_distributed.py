@@ -23,6 +23,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.usefixtures("one_launch_at_a_time")
 def test_two_machines_train_to_identical_weights_and_rank_0_alone_writes_checkpoints(tmp_path, tiny_shapes):
     dist_url = f"tcp://127.0.0.1:{free_port()}"
     env = dict(os.environ, GN_DET_TEST_WEIGHTS=str(tmp_path / "weights"))

@@ -14,7 +14,7 @@ import torch  # noqa: E402
 from detectron2.engine import SimpleTrainer  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
-from conftest import CONFIG_DIR, REPO  # noqa: E402
+from conftest import CONFIG_DIR, REPO, tool_main  # noqa: E402
 from gn_det.analysis.feature_stats import FEATURE_STATS_FILE, feature_percentiles, read_feature_stats  # noqa: E402
 from gn_det.config import get_gn_cfg  # noqa: E402
 from gn_det.data import generate_shapes  # noqa: E402
@@ -89,7 +89,7 @@ def test_default_layer_is_the_last_res5_conv_before_its_norm(config):
     assert default_feature_layer(model) == ("backbone.bottom_up.res5.1.conv2.norm", "input")
 
 
-def test_feature_stats_tool_trains_with_the_hook_and_plots_runs_side_by_side(tmp_path):
+def test_feature_stats_tool_trains_with_the_hook_and_plots_runs_side_by_side(tmp_path, capsys):
     root = generate_shapes(str(tmp_path / "shapes"), num_train=6, num_val=2, image_size=128)
     out = tmp_path / "bn"
     proc = subprocess.run(
@@ -110,8 +110,5 @@ def test_feature_stats_tool_trains_with_the_hook_and_plots_runs_side_by_side(tmp
     (other / FEATURE_STATS_FILE).write_text(json.dumps({**stats, "records": [
         {**r, "p1": r["p1"] * 2, "p99": r["p99"] * 2} for r in stats["records"]]}))
     plot = tmp_path / "figure" / "feature_stats.png"
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "feature_stats.py"), "plot", str(out),
-                           str(other), str(tmp_path / "shapes"), "--out", str(plot), "--separate-y-axes"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"wrote {plot} (2 of 3 runs)" in proc.stdout and plot.stat().st_size > 10_000
+    tool_main("feature_stats.py", "plot", out, other, tmp_path / "shapes", "--out", plot, "--separate-y-axes")
+    assert f"wrote {plot} (2 of 3 runs)" in capsys.readouterr().out and plot.stat().st_size > 10_000

@@ -16,7 +16,7 @@ from pycocotools.coco import COCO  # noqa: E402
 from gn_det import InputError  # noqa: E402
 from gn_det.predict import expand_inputs, load_predictor, predict_images  # noqa: E402
 
-from conftest import REPO  # noqa: E402
+from conftest import REPO, tool_exit_message  # noqa: E402
 
 # A LazyConfig model small enough for a test: detectron2's Mask R-CNN FPN config with R-18 stages.
 LAZY_CONFIG = """
@@ -97,9 +97,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_shapes_runs, tmp_path):
         assert "\n" not in str(err.value)
     with pytest.raises(InputError, match="--weights: .*nothing.pth is not a file"):
         load_predictor(os.path.join(tiny_shapes_runs["gn"], "config.yaml"), str(tmp_path / "nothing.pth"))
-    proc = predict_tool("--config-file", os.path.join(tiny_shapes_runs["gn"], "config.yaml"), "--weights",
-                        os.path.join(tiny_shapes_runs["gn"], "model_final.pth"), val, str(broken),
-                        "--out", str(tmp_path / "out"))
-    assert proc.returncode != 0
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"predict.py: error: {broken}: not a readable image")
+    line = tool_exit_message("predict.py", "--config-file", os.path.join(tiny_shapes_runs["gn"], "config.yaml"),
+                             "--weights", os.path.join(tiny_shapes_runs["gn"], "model_final.pth"), val, broken,
+                             "--out", tmp_path / "out")
+    assert line.startswith(f"predict.py: error: {broken}: not a readable image")
     assert not (tmp_path / "out").exists()

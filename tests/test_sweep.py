@@ -1,15 +1,13 @@
 """tools/sweep.py: grid expansion and cell naming, per-cell options, and a real two-cell sweep run twice."""
 import csv
 import os
-import subprocess
-import sys
 
 import pytest
 
 pytest.importorskip("detectron2")
 pytestmark = pytest.mark.slow  # tool subprocesses and training runs
 
-from conftest import CONFIG_DIR, REPO  # noqa: E402
+from conftest import CONFIG_DIR, tool_main  # noqa: E402
 from gn_det.analysis.sweep import Cell, expand_grid, norm_label  # noqa: E402
 from gn_det.config import get_gn_cfg  # noqa: E402
 from gn_det.data import generate_shapes  # noqa: E402
@@ -70,11 +68,14 @@ def tiny_shapes(tmp_path_factory):
     return ["DATASETS.REGISTER", register, "DATASETS.TRAIN", "('tiny_train',)", "DATASETS.TEST", "('tiny_val',)"]
 
 
-def sweep(*args):
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "sweep.py"), *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
+@pytest.fixture
+def sweep(capsys):
+    """Run tools/sweep.py in this process (each cell still trains in its own subprocess); returns its output."""
+    def run(*args):
+        capsys.readouterr()
+        tool_main("sweep.py", *args)
+        return capsys.readouterr().out
+    return run
 
 
 def snapshot(folder):
@@ -87,7 +88,8 @@ def snapshot(folder):
     return entries
 
 
-def test_two_cell_sweep_trains_once_then_only_reprints_tables_and_resumes_what_is_unfinished(tmp_path, tiny_shapes):
+def test_two_cell_sweep_trains_once_then_only_reprints_tables_and_resumes_what_is_unfinished(tmp_path, tiny_shapes,
+                                                                                              sweep):
     out = tmp_path / "sweep"
     # the shapes schedule is for 4 images per batch; with the reference at 2, MAX_ITER 2 is 2 iterations
     args = ["--norms", "GN", "BN*", "--ims", "2", "--out", str(out), "--feature-stats", "--feature-period", "1",

@@ -167,6 +167,7 @@ def check_in_each_process(json_file, image_dir, record):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("one_launch_at_a_time")
 def test_process_0_checks_for_a_distributed_run(tiny_coco, tmp_path):
     from detectron2.engine import launch
 
