@@ -500,7 +500,7 @@ def test_fast_cpu_inference_runs_roi_heads_in_chunks_with_the_same_outputs():
 
     assert build().roi_heads.box_head.inference_chunk_bytes == 0  # fp32 default: detectron2's behaviour
     assert build(*SWITCHES).roi_heads.mask_head.inference_chunk_bytes == 0
-    model = build(*FAST).eval()
+    model = build(*FAST, "MODEL.RPN.POST_NMS_TOPK_TEST", "200").eval()
     assert model.roi_heads.box_head.inference_chunk_bytes == INFERENCE_CHUNK_BYTES
     assert model.roi_heads.mask_head.inference_chunk_bytes == INFERENCE_CHUNK_BYTES
     batch = [{"image": torch.rand(3, 128, 128) * 255, "height": 128, "width": 128} for _ in range(2)]

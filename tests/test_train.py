@@ -113,7 +113,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_checkpoints(tmp_path, tiny_shape
 def test_real_photos_train_and_evaluate(tmp_path):
     out = tmp_path / "fruits"
     spec = f"fruits={FRUITS}/trainval.json,{FRUITS}/images"
-    train_net("--config-file", GN_SHAPES, f"--dataset={spec}", "DATASETS.TRAIN", "('fruits',)",
+    tool_main("train_net.py", "--config-file", GN_SHAPES, f"--dataset={spec}", "DATASETS.TRAIN", "('fruits',)",
               "DATASETS.TEST", "('fruits',)", "INPUT.MASK_FORMAT", "polygon", *SMALL, "INPUT.MIN_SIZE_TRAIN",
               "(192,)", "INPUT.MAX_SIZE_TRAIN", "256", "INPUT.MIN_SIZE_TEST", "192", "INPUT.MAX_SIZE_TEST", "256",
               "SOLVER.MAX_ITER", "4", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "OUTPUT_DIR", str(out))

@@ -48,6 +48,8 @@ VARIANTS = {
     "d2_gn_fp32": {"config": D2_GN_CONFIG, "options": []},
     "d2_gn_bf16_nhwc": {"config": D2_GN_CONFIG, "options": [], "wrap": "bf16_nhwc"},
     "d2_gn_amp": {"config": D2_GN_CONFIG, "options": ["SOLVER.AMP.ENABLED", "True"], "wrap": "amp", "cuda": True},
+    # the bf16_nhwc peer with torch.compile (inductor) on its backbone, timed with --protocol export
+    "d2_gn_bf16_nhwc_compile": {"config": D2_GN_CONFIG, "options": [], "wrap": "bf16_nhwc", "compile": True},
     "gn_fp32": {"config": GN_CONFIG, "options": []},
     "gn_switches": {"config": GN_CONFIG, "options": SWITCHES},
     "gn_fast": {"config": GN_CONFIG, "options": SWITCHES + ["MODEL.CPU_FAST_PATH", "True"]},
@@ -66,9 +68,9 @@ VARIANTS = {
 }
 # --protocol export: detectron2's export protocol (one image per call, model.inference(..., do_postprocess=False),
 # no mask pasting), inference only; these variants by default, in this order.
-EXPORT_PROTOCOL_VARIANTS = ["d2_gn_fp32", "d2_gn_bf16_nhwc", "d2_gn_onnxruntime", "d2_gn_openvino_f32",
-                            "d2_gn_openvino", "gn_fast", "gn_fast_torchscript", "gn_onnxruntime", "gn_openvino_f32",
-                            "gn_openvino"]
+EXPORT_PROTOCOL_VARIANTS = ["d2_gn_fp32", "d2_gn_bf16_nhwc", "d2_gn_bf16_nhwc_compile", "d2_gn_onnxruntime",
+                            "d2_gn_openvino_f32", "d2_gn_openvino", "gn_fast", "gn_fast_torchscript",
+                            "gn_onnxruntime", "gn_openvino_f32", "gn_openvino"]
 # The stock peer every variant is also compared with, when it runs.
 PEER = "d2_gn_bf16_nhwc"
 DEFAULT_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -124,7 +126,7 @@ def chosen_variants(args):
         return list(EXPORT_PROTOCOL_VARIANTS)
     on_cuda = args.device.startswith("cuda")
     return [name for name, spec in VARIANTS.items()
-            if (on_cuda or not spec.get("cuda")) and "export" not in spec]
+            if (on_cuda or not spec.get("cuda")) and "export" not in spec and not spec.get("compile")]
 
 
 def is_detectron2_config(name):
@@ -247,6 +249,8 @@ def measure_variant(name, args):
     if wrap == "bf16_nhwc":
         model.to(memory_format=torch.channels_last)
         autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
+        if VARIANTS[name].get("compile"):  # what a user adds without gn-det: compile the backbone (most of the work)
+            model.backbone = torch.compile(model.backbone)
     elif wrap == "amp":
         autocast = functools.partial(torch.autocast, device.type, dtype=torch.float16)
     if device.type == "cuda":
@@ -453,6 +457,8 @@ def export_protocol_table(report, clock="wall"):
     rows = []
     for name, r in variants.items():
         what = "eager" if not r.get("export") else f"{r['export'][0]} in {r['export'][2]}"
+        if VARIANTS.get(name, {}).get("compile"):
+            what += ", backbone under torch.compile"
         if r.get("openvino_precision"):
             what += f" ({r['openvino_precision']})"
         rows.append([name, what, r[key], base / r[key], best_stock / r[key] if best_stock else None,
