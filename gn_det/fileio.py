@@ -39,6 +39,12 @@ def atomic_write(path, mode="w"):
         raise
 
 
+def save_figure(fig, path, dpi=100):
+    """Save a matplotlib figure to ``path`` (format from its extension) through :func:`atomic_write`."""
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format=os.path.splitext(path)[1][1:] or "png", dpi=dpi)
+
+
 def check_output_location(path, what, folder=True):
     """Raise an InputError naming ``what`` and ``path`` when the output folder (``folder``) or file ``path``
     cannot be written: something of the other kind in the way, a file where a parent folder belongs, or a

@@ -15,7 +15,6 @@ Steps (each is skipped when its result is already there, so an interrupted proto
  4. OUT/comparison.{md,csv,png}: box/mask AP side by side (tools/compare_runs.py's table, Δ to the first row)
 """
 import argparse
-import json
 import os
 import sys
 
@@ -36,6 +35,7 @@ from gn_det.analysis.runs import Run, comparison_rows, markdown_table, plot_runs
 from gn_det.analysis.sweep import run_finished, train_in_subprocess, train_net_command
 from gn_det.config import get_gn_cfg
 from gn_det.errors import exit_on_input_error
+from gn_det.fileio import atomic_write, read_json
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 SHAPES_CONFIGS = os.path.join(os.path.dirname(TOOLS), "configs", "shapes")
@@ -124,12 +124,11 @@ def main():
         for norm in args.norms:
             path = summary_path(os.path.join(args.weights_dir, WEIGHTS_NAMES[norm]) + ".pth")
             if os.path.isfile(path):
-                with open(path) as f:
-                    accuracies.append(f"{norm} {100 * json.load(f)['val_accuracy']:.1f}%")
+                accuracies.append(f"{norm} {100 * read_json(path, 'pretraining summary')['val_accuracy']:.1f}%")
         pretraining = f"Pretraining (shape-crop classification) validation accuracy: {', '.join(accuracies)}"
         print(f"\n{table}\n\n{pretraining}")
         prefix = os.path.join(args.out, "comparison")
-        with open(prefix + ".md", "w") as f:
+        with atomic_write(prefix + ".md", "w") as f:
             f.write(f"{table}\n\n{pretraining}\n")
         write_csv(comparison_rows(finished), prefix + ".csv")
         plot_runs(finished, prefix + ".png")

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from gn_det.fileio import write_json_atomically
+from gn_det.fileio import save_figure, write_json_atomically
 
 FEATURE_STATS_FILE = "feature_stats.json"
 PERCENTILES = (1, 20, 80, 99)  # Figure 3's
@@ -74,7 +74,7 @@ def plot_feature_stats(runs, path, columns=4, share_y=True):
     axes[0, 0].set_ylabel(f"{first['layer']} ({first['where']})", fontsize=8)
     axes[0, 0].legend(fontsize=7, loc="upper left")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
     plt.close(fig)
 
 

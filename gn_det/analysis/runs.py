@@ -7,7 +7,7 @@ import statistics
 from tabulate import tabulate
 
 from gn_det.errors import InputError
-from gn_det.fileio import atomic_write, read_json
+from gn_det.fileio import atomic_write, read_json, save_figure
 
 METRICS = ("bbox/AP", "bbox/AP50", "bbox/AP75", "segm/AP", "segm/AP50", "segm/AP75")
 
@@ -150,5 +150,5 @@ def plot_runs(runs, path):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
     plt.close(fig)

@@ -20,7 +20,7 @@ from tabulate import tabulate
 
 from ..config import NORM_SITE_KEYS, get_gn_cfg
 from ..errors import InputError
-from ..fileio import write_json_atomically
+from ..fileio import atomic_write, save_figure, write_json_atomically
 from .runs import Run
 
 RESULTS_FILE = "results.json"  # written by GNTrainer.test after each evaluation
@@ -325,7 +325,7 @@ def sweep_markdown(results, reports=()):
 
 def write_sweep_csv(results, path):
     """One row per cell: its settings, the final AP metrics, seconds per iteration and peak memory."""
-    with open(path, "w", newline="") as f:
+    with atomic_write(path, "w") as f:
         writer = csv.writer(f)
         writer.writerow(["cell", "norm", "num_groups", "dim_per_group", "ims", *CSV_METRICS, "s/iter", "peak MB"])
         for r in results:
@@ -363,7 +363,7 @@ def plot_ap_vs_batch_size(results, path):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -372,7 +372,7 @@ def write_sweep_outputs(results, out_dir, reports=(), name="sweep") -> List[str]
     an ``out_dir`` (and so their common cells) keep their tables apart by ``name``."""
     os.makedirs(out_dir, exist_ok=True)
     paths = [os.path.join(out_dir, f"{name}.{ext}") for ext in ("md", "csv", "png")]
-    with open(paths[0], "w") as f:
+    with atomic_write(paths[0], "w") as f:
         f.write(sweep_markdown(results, reports))
     write_sweep_csv(results, paths[1])
     plot_ap_vs_batch_size(results, paths[2])
