@@ -57,17 +57,27 @@ def tool_exit_message(tool, *args):
     return message
 
 
+@contextlib.contextmanager
+def session_lock(tmp_path_factory, name):
+    """A file lock shared by the pytest-xdist workers of this test session; nothing to lock without workers."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
+    from filelock import FileLock  # torch's own dependency
+
+    with FileLock(str(tmp_path_factory.getbasetemp().parent / f"{name}.lock")):  # the session's folder
+        yield
+
+
 def made_once(tmp_path_factory, name, make):
     """A folder ``name`` filled by ``make(folder)`` once per test session and shared by all its pytest-xdist
-    workers: the first worker to ask makes it while the others wait on a file lock."""
+    workers: the first worker to ask makes it while the others wait on the session lock."""
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         folder = tmp_path_factory.mktemp(name)
         make(folder)
         return folder
-    from filelock import FileLock  # torch's own dependency
-
     folder = tmp_path_factory.getbasetemp().parent / name  # the session's folder, above each worker's
-    with FileLock(f"{folder}.lock"):
+    with session_lock(tmp_path_factory, name):
         if not (folder / ".made").exists():
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir()
@@ -80,12 +90,7 @@ def made_once(tmp_path_factory, name, make):
 def one_launch_at_a_time(tmp_path_factory):
     """Held by tests that start several processes meeting at a rendezvous port: such a port is picked free and
     bound later by the processes, so two pytest-xdist workers launching at once could pick the same one."""
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        yield
-        return
-    from filelock import FileLock
-
-    with FileLock(str(tmp_path_factory.getbasetemp().parent / "launch.lock")):
+    with session_lock(tmp_path_factory, "launch"):
         yield
 
 

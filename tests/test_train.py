@@ -43,8 +43,9 @@ def test_trained_runs_evaluate_again_to_the_same_numbers_and_compare(tiny_shapes
     for run in runs:
         results = json.loads(open(os.path.join(run, "results.json")).read())
         assert set(results["vis_val"]) == {"bbox", "segm"} and "AP" in results["vis_val"]["segm"]
-        assert os.path.exists(os.path.join(run, "model_final.pth")) and os.path.exists(os.path.join(run, "metrics.json"))
-        assert "Optimizer parameter groups" in open(os.path.join(run, "log.txt")).read()
+        assert all(os.path.exists(os.path.join(run, name)) for name in ("model_final.pth", "metrics.json"))
+        log = open(os.path.join(run, "log.txt")).read()
+        assert "Optimizer parameter groups" in log and "weight decay" in log
     # GN: every GroupNorm γ/β in a zero-decay group (logged table)
     assert "GroupNorm γ/β" in open(os.path.join(runs[0], "log.txt")).read()
 
@@ -53,7 +54,8 @@ def test_trained_runs_evaluate_again_to_the_same_numbers_and_compare(tiny_shapes
     train_net("--config-file", GN_SHAPES, "--eval-only", f"--dataset=vis_val={data}/val.json,{data}/val",
               "DATASETS.TEST", "('vis_val',)", *SMALL, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
               "OUTPUT_DIR", str(out), "MODEL.WEIGHTS", os.path.join(runs[0], "model_final.pth"))
-    assert json.loads((out / "results.json").read_text()) == json.loads(open(os.path.join(runs[0], "results.json")).read())
+    trained = json.loads(open(os.path.join(runs[0], "results.json")).read())
+    assert json.loads((out / "results.json").read_text()) == trained
 
     prefix = tmp_path / "cmp" / "comparison"
     tool_main("compare_runs.py", *runs, "--out", str(prefix))

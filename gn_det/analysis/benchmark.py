@@ -249,10 +249,10 @@ def measure_variant(name, args):
     if wrap == "bf16_nhwc":
         model.to(memory_format=torch.channels_last)
         autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
-        if VARIANTS[name].get("compile"):  # what a user adds without gn-det: compile the backbone (most of the work)
-            model.backbone = torch.compile(model.backbone)
     elif wrap == "amp":
         autocast = functools.partial(torch.autocast, device.type, dtype=torch.float16)
+    if VARIANTS[name].get("compile"):  # what a user adds without gn-det: compile the backbone (most of the work)
+        model.backbone = torch.compile(model.backbone)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     batch = random_detection_batch(num_images=args.images, height=args.size, width=args.size,
