@@ -1,5 +1,6 @@
 """Export (gn_det.deploy, tools/export_model.py) and running the exported file: TorchScript for every model
-family and for the CPU fast path, ONNX in ONNX Runtime and OpenVINO with any GroupNorm group setting.
+family and for the CPU fast path, ONNX in ONNX Runtime and OpenVINO with any GroupNorm group setting, int8
+OpenVINO IR.
 
 Tiny R-18 models at 128 px with random weights; the test score threshold 0 and few proposals make detection
 counts differ from image to image, so a traced file is checked on images other than the one it was traced on.
@@ -147,18 +148,32 @@ def test_onnx_of_the_fast_path_is_one_line_naming_the_keys(tmp_path):
 
 
 @pytest.mark.parametrize("content", [None, b"", b"not a model"], ids=["missing", "empty", "not_the_format"])
-@pytest.mark.parametrize("backend", ["torchscript", "onnxruntime"])
+@pytest.mark.parametrize("backend", ["torchscript", "onnxruntime", "openvino"])
 def test_loaders_name_a_bad_file(tmp_path, backend, content):
     from gn_det.deploy import load_exported
 
-    path = tmp_path / ("model.ts" if backend == "torchscript" else "model.onnx")
+    path = tmp_path / {"torchscript": "model.ts", "onnxruntime": "model.onnx", "openvino": "model_int8.xml"}[backend]
     if content is not None:
         path.write_bytes(content)
-    if backend == "onnxruntime":
-        pytest.importorskip("onnx")
+        (tmp_path / "model_int8.bin").write_bytes(content)
+    if backend != "torchscript":
+        pytest.importorskip("onnx" if backend == "onnxruntime" else "openvino")
     with pytest.raises(InputError, match=str(path)) as err:
         load_exported(str(path), backend)
     assert "\n" not in str(err.value)
+
+
+def test_openvino_ir_not_written_by_gn_det_is_one_line(tmp_path):
+    openvino = pytest.importorskip("openvino")
+    import openvino.opset13 as ops
+
+    from gn_det.deploy import load_exported
+
+    image = ops.parameter([3, 8, 8], openvino.Type.f32)
+    path = str(tmp_path / "other.xml")
+    openvino.save_model(openvino.Model([ops.relu(image)], [image]), path)
+    with pytest.raises(InputError, match=f"{path}: not a model exported by gn-det"):
+        load_exported(path)
 
 
 # every model family of the issue, eval form, TorchScript export + reload equal to eager (slow: one trace each)
@@ -208,7 +223,8 @@ def tiny_run(tmp_path_factory):
     torch.save({"model": model.state_dict()}, weights)
     data = root / "shapes"
     return {"weights": str(weights), "dataset": f"DATASETS.REGISTER \"['tiny_val={data}/val.json,{data}/val']\"",
-            "register": [f"tiny_val={data}/val.json,{data}/val"], "val": str(data / "val"),
+            "register": [f"tiny_val={data}/val.json,{data}/val", f"tiny_train={data}/train.json,{data}/train"],
+            "val": str(data / "val"),
             "val_json": str(data / "val.json"), "root": root}
 
 
@@ -233,6 +249,53 @@ def test_export_tool_writes_onnx_evaluates_it_and_predict_runs_it(tiny_run, tmp_
                 "--coco-json", tiny_run["val_json"], "--opts", *opts)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert len(os.listdir(tmp_path / "p")) == 3  # 2 PNGs and predictions.json
+
+
+@pytest.mark.slow
+def test_int8_export_quantizes_only_convolutions_evaluates_and_detects_as_float(tiny_run, tmp_path):
+    """--format openvino-int8 from a config: calibrated on the training set, evaluated from the file; only
+    convolutions and linear layers read quantized values, and the file's detections agree with eager fp32."""
+    pytest.importorskip("nncf")
+    import openvino
+    from detectron2.structures import pairwise_iou
+
+    from gn_det.deploy import export_from_config, load_exported
+    from gn_det.deploy.quantize import QUANTIZED_TYPES
+
+    opts = SMALL + FP32 + ["MODEL.WEIGHTS", tiny_run["weights"], "DATASETS.REGISTER", str(tiny_run["register"]),
+                           "DATASETS.TEST", "('tiny_val',)"]
+    with pytest.raises(InputError, match="calibrates on the training set.*'shapes_train_missing'"):
+        export_from_config(SHAPES_GN, "openvino-int8", str(tmp_path / "none"),
+                           opts + ["DATASETS.TRAIN", "('shapes_train_missing',)"])
+    assert not (tmp_path / "none").exists()
+    out = tmp_path / "x"
+    path, metrics = export_from_config(SHAPES_GN, "openvino-int8", str(out),
+                                       opts + ["DATASETS.TRAIN", "('tiny_train',)"], run_eval=True)
+    assert path == str(out / "model_int8.xml") and set(metrics) == {"bbox", "segm"}
+    saved = json.loads((out / "eval.json").read_text())
+    assert saved["file"] == path and saved["metrics"]["bbox"].keys() == metrics["bbox"].keys()
+    assert sorted(n for n in os.listdir(out) if n.startswith("model")) == ["model_int8.bin", "model_int8.xml"]
+
+    quantizers = [op for op in openvino.Core().read_model(path).get_ops() if op.get_type_name() == "FakeQuantize"]
+    readers = {target.get_node().get_type_name() for op in quantizers for target in op.output(0).get_target_inputs()}
+    assert quantizers and readers - {"ShapeOf"} <= QUANTIZED_TYPES, readers  # ShapeOf reads no value
+
+    model, _ = tiny_model(opts=FP32)  # the weights of tiny_run
+    exported = load_exported(path)  # .xml: OpenVINO
+    assert exported.backend == "openvino" and exported.metadata["format"] == "openvino-int8"
+    for image in images(3):
+        ours, eager = exported.instances(image), eager_instances(model, image)
+        # int8 moves the scores of random weights (all near the threshold) across it, so the counts differ; the
+        # best eager detection is found again, with its class, score and mask
+        best = eager[int(eager.scores.argmax())]
+        overlap = pairwise_iou(best.pred_boxes, ours.pred_boxes)[0]
+        match = int(overlap.argmax())
+        assert overlap[match] > 0.9 and abs(float(ours.scores[match] - best.scores[0])) < 0.05
+        assert torch.equal(ours.pred_classes[match:match + 1].long(), best.pred_classes.long())
+        assert float((ours.pred_masks[match] - best.pred_masks[0]).abs().mean()) < 0.05
+    os.remove(out / "model_int8.bin")
+    with pytest.raises(InputError, match=f"{path}: its weights file .*model_int8.bin does not exist"):
+        load_exported(path)
 
 
 def test_export_tool_refuses_bad_input_in_one_line_before_writing(tiny_run, tmp_path):

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Export a trained gn-det model to TorchScript or ONNX (detectron2's tools/deploy/export_model.py flags), and
-optionally evaluate the exported file (COCO box / mask AP on the config's test set):
+"""Export a trained gn-det model to TorchScript, ONNX or int8 OpenVINO IR (detectron2's
+tools/deploy/export_model.py flags), and optionally evaluate the exported file (COCO box / mask AP on the
+config's test set):
 
     python3 tools/export_model.py --config-file configs/shapes/mask_rcnn_R_18_FPN_gn.yaml --format torchscript \\
         --output exported/ --run-eval MODEL.WEIGHTS output/shapes/mask_rcnn_R_18_FPN_gn/model_final.pth
@@ -23,8 +24,11 @@ def main(argv):
                         help="how to export (tracing, with detectron2's TracingAdapter)")
     parser.add_argument("--onnx-runtime", choices=list(ONNX_TARGETS), default="onnxruntime",
                         help="runtime an ONNX file is for; it sets the opset and GroupNorm's form (default: %(default)s)")
+    parser.add_argument("--calibration-images", type=int, default=300, metavar="N",
+                        help="openvino-int8: calibrate on the first N training images (default: %(default)s)")
     parser.add_argument("--sample-image", metavar="FILE", help="image to trace with (default: first test image)")
-    parser.add_argument("--output", required=True, metavar="DIR", help="folder for model.ts / model.onnx")
+    parser.add_argument("--output", required=True, metavar="DIR",
+                        help="folder for model.ts / model.onnx / model_int8.xml + .bin")
     parser.add_argument("--run-eval", action="store_true",
                         help="evaluate the exported file on the config's test set (COCO box / mask AP)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
@@ -37,7 +41,8 @@ def main(argv):
     setup_logger(name="gn_det")
     setup_logger(name="detectron2")
     path, metrics = export_from_config(args.config_file, args.format, args.output, args.opts,
-                                       args.onnx_runtime, args.sample_image, args.run_eval)
+                                       args.onnx_runtime, args.sample_image, args.run_eval,
+                                       args.calibration_images)
     print(f"wrote {path}")
     if metrics:
         from detectron2.evaluation import print_csv_format

@@ -65,12 +65,17 @@ VARIANTS = {
     "gn_openvino": {"config": GN_CONFIG, "options": [], "export": ("onnx", "openvino", "openvino", "default")},
     "gn_fast_torchscript": {"config": GN_CONFIG, "options": SWITCHES + ["MODEL.CPU_FAST_PATH", "True"],
                             "export": ("torchscript", None, "torchscript", "")},
+    # int8 (gn_det.deploy.quantize), calibrated on the timed image: calibration sets ranges, not the work
+    "gn_openvino_int8": {"config": GN_CONFIG, "options": [],
+                         "export": ("openvino-int8", "openvino", "openvino", "default")},
+    "gn_openvino_int8_f32": {"config": GN_CONFIG, "options": [],
+                             "export": ("openvino-int8", "openvino", "openvino", "f32")},
 }
 # --protocol export: detectron2's export protocol (one image per call, model.inference(..., do_postprocess=False),
 # no mask pasting), inference only; these variants by default, in this order.
 EXPORT_PROTOCOL_VARIANTS = ["d2_gn_fp32", "d2_gn_bf16_nhwc", "d2_gn_bf16_nhwc_compile", "d2_gn_onnxruntime",
                             "d2_gn_openvino_f32", "d2_gn_openvino", "gn_fast", "gn_fast_torchscript",
-                            "gn_onnxruntime", "gn_openvino_f32", "gn_openvino"]
+                            "gn_onnxruntime", "gn_openvino_f32", "gn_openvino", "gn_openvino_int8"]
 # The stock peer every variant is also compared with, when it runs.
 PEER = "d2_gn_bf16_nhwc"
 DEFAULT_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),

@@ -13,10 +13,11 @@ of weights in gn-det goes through :func:`read_weights`:
 A file that is missing, empty, truncated, not a weights file, or that names any other type, is one
 :class:`gn_det.InputError` naming the file (and the type it tried to load); nothing of it runs.
 
-Exported models (``gn_det.deploy``) are weights files too: :func:`read_torchscript` and :func:`read_onnx` check
-the file (present, not empty, of its format) the same way before a runtime takes it. A TorchScript file holds
-its graph as TorchScript, which the TorchScript interpreter runs (no Python is unpickled or imported); an ONNX
-file is a protobuf of operators the runtime implements.
+Exported models (``gn_det.deploy``) are weights files too: :func:`read_torchscript`, :func:`read_onnx` and
+:func:`read_openvino_ir` check the file (present, not empty, of its format) the same way before a runtime takes
+it. A TorchScript file holds its graph as TorchScript, which the TorchScript interpreter runs (no Python is
+unpickled or imported); an ONNX file is a protobuf, and OpenVINO IR an XML graph with a binary of weights, of
+operators the runtime implements.
 :class:`GNCheckpointer` is detectron2's ``DetectionCheckpointer`` reading through it.
 """
 import io
@@ -142,6 +143,22 @@ def read_onnx(path, what="ONNX file"):
     except (DecodeError, ValueError, RuntimeError, onnx.checker.ValidationError) as err:
         raise InputError(f"{what} {path} is not a readable ONNX model ({_one_line(err)[:200]})") from None
     return data, model
+
+
+def read_openvino_ir(path, what="OpenVINO IR file"):
+    """The ``openvino.Model`` of the OpenVINO IR ``path`` (``.xml``, its weights in the ``.bin`` beside it); an
+    InputError naming the file if either is missing or not OpenVINO IR."""
+    import openvino
+
+    weights = path[:-len(".xml")] + ".bin" if path.endswith(".xml") else ""
+    if not weights:
+        raise InputError(f"{what} {path} is not OpenVINO IR (its name does not end in .xml)")
+    # a graph without constants has an empty weights file
+    graph, tensors = _read_bytes(path, what), read_input_file(weights, f"{what} {path}: its weights file")
+    try:
+        return openvino.Core().read_model(graph, tensors)
+    except RuntimeError as err:
+        raise InputError(f"{what} {path} is not readable OpenVINO IR ({_one_line(err)[:200]})") from None
 
 
 def read_checkpoint(path, what="weights file"):

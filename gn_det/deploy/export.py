@@ -11,7 +11,10 @@ precision the traced graph was recorded under.
   autocast pass off, so it records eager autocast's casts; the loader runs it under the same autocast.
 - ONNX takes fp32 models without the fast path (:func:`check_exportable`). Its GroupNorm form is chosen by the
   runtime the file is for (:data:`ONNX_TARGETS`).
+- ``openvino-int8`` is the OpenVINO ONNX file quantized to int8 by NNCF on calibration images
+  (:mod:`gn_det.deploy.quantize`), written as OpenVINO IR.
 """
+import collections.abc
 import json
 import logging
 import os
@@ -21,14 +24,15 @@ import torch
 from detectron2.export import TracingAdapter, dump_torchscript_IR
 from detectron2.modeling import GeneralizedRCNN
 
+from gn_det.checkpoint.reader import read_onnx
 from gn_det.errors import InputError
 
 from .schema import METADATA_FILE, METADATA_KEY, eager_autocast_in_torchscript, schema_to_json
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("torchscript", "onnx")
-FILE_NAMES = {"torchscript": "model.ts", "onnx": "model.onnx"}
+FORMATS = ("torchscript", "onnx", "openvino-int8")
+FILE_NAMES = {"torchscript": "model.ts", "onnx": "model.onnx", "openvino-int8": "model_int8.xml"}
 # The ONNX opset per runtime (why, with the measurement: docs/DEPLOY.md, "GroupNorm in ONNX"): ONNX Runtime has no
 # CPU kernel for GroupNormalization-21 and runs its function body, so it gets the opset-17 decomposition
 # (Reshape -> InstanceNormalization -> Reshape -> Mul -> Add); OpenVINO has a GroupNormalization kernel.
@@ -63,14 +67,16 @@ def check_exportable(model, fmt, target="onnxruntime"):
     """Raise a one-line InputError unless ``model`` exports to ``fmt`` (for ONNX, for runtime ``target``)."""
     if fmt not in FORMATS:
         raise InputError(f"--format {fmt!r} is not an export format; choose one of {', '.join(FORMATS)}")
-    if fmt != "onnx":
+    if fmt == "torchscript":
         return
+    if fmt == "openvino-int8":
+        target = "openvino"
     if target not in ONNX_TARGETS:
         raise InputError(f"--onnx-runtime {target!r} is not a runtime; choose one of {', '.join(ONNX_TARGETS)}")
     settings = fast_path_settings(model)
     if settings:
         raise InputError(
-            f"--format onnx: the model has {', '.join(settings)}, PyTorch-CPU settings that ONNX does not take; "
+            f"--format {fmt}: the model has {', '.join(settings)}, PyTorch-CPU settings that ONNX does not take; "
             "export to ONNX without them (MODEL.PRECISION fp32 MODEL.CHANNELS_LAST False MODEL.CPU_FAST_PATH "
             "False: the runtime picks its own kernels and precision), or to TorchScript with them (docs/DEPLOY.md)")
 
@@ -85,13 +91,29 @@ def export_inference(model):
     return None
 
 
-def export_model(model, image, fmt, output_dir, target="onnxruntime", input_format="BGR"):
+def export_model(model, image, fmt, output_dir, target="onnxruntime", input_format="BGR", calibration=None):
     """Trace ``model`` (eval mode) on ``image`` (CHW float, resized, the model's input format) and write
-    ``output_dir/model.ts`` or ``output_dir/model.onnx`` through a temporary file. Returns the file's path.
+    ``output_dir/model.ts``, ``model.onnx`` or ``model_int8.xml`` through a temporary file. Returns its path.
 
-    ``target`` is the runtime an ONNX file is for (:data:`ONNX_TARGETS`). Checked before anything is written.
+    ``target`` is the runtime an ONNX file is for (:data:`ONNX_TARGETS`); ``openvino-int8`` is calibrated on
+    ``calibration`` (images as ``image``, default ``[image]``, see :func:`quantize_to_openvino_int8`). Checked
+    before anything is written.
     """
     check_exportable(model, fmt, target)
+    if fmt == "openvino-int8":
+        import tempfile
+
+        from .quantize import quantize_to_openvino_int8
+
+        with tempfile.TemporaryDirectory() as tmp:
+            onnx_path = export_model(model, image, "onnx", tmp, "openvino", input_format)
+            _, onnx_model = read_onnx(onnx_path)
+            metadata = json.loads({p.key: p.value for p in onnx_model.metadata_props}[METADATA_KEY])
+            os.makedirs(output_dir, exist_ok=True)
+            path = quantize_to_openvino_int8(onnx_path, calibration or [image], output_dir,
+                                             {**metadata, "format": fmt})
+        logger.info("wrote %s", path)
+        return path
     model = model.eval()
     adapter = TracingAdapter(model, [{"image": image}], export_inference(model)).eval()  # the ONNX exporter restores its mode
     os.makedirs(output_dir, exist_ok=True)
@@ -264,10 +286,58 @@ def sample_image(predictor, config_file, opts=(), image_path=None):
     return predictor.model_input(read_image(image_path, format="RGB"))["image"]
 
 
+class ModelInputs(collections.abc.Sequence):
+    """Image files read and resized as ``predictor`` does, one at a time when asked (calibration reads them more
+    than once; holding a COCO-sized set in memory would not fit)."""
+
+    def __init__(self, predictor, files):
+        self.predictor, self.files = predictor, list(files)
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        from detectron2.data.detection_utils import read_image
+
+        return self.predictor.model_input(read_image(self.files[index], format="RGB"))["image"]
+
+
+def calibration_files(config_file, opts, count):
+    """The first ``count`` image files of the config's training set (``DATASETS.TRAIN[0]`` / ``dataloader.train``),
+    each checked to be a readable image."""
+    from detectron2.data import DatasetCatalog
+
+    from gn_det.predict import check_image
+
+    if config_file.endswith(".py"):
+        from detectron2.config import LazyConfig
+
+        cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), list(opts))
+        names = cfg.get("dataloader", {}).get("train", {}).get("dataset", {}).get("names")
+    else:
+        from gn_det.config import get_gn_cfg
+        from gn_det.data import register_datasets
+
+        cfg = get_gn_cfg(config_file, list(opts))
+        register_datasets(cfg.DATASETS.REGISTER)
+        names = cfg.DATASETS.TRAIN
+    name = names if isinstance(names, str) or not names else names[0]
+    if not name or name not in DatasetCatalog.list():
+        raise InputError(f"{config_file}: --format openvino-int8 calibrates on the training set, and {name!r} is "
+                         "not a registered dataset")
+    files = [record["file_name"] for record in DatasetCatalog.get(name)[:count]]
+    if not files:
+        raise InputError(f"dataset {name!r} has no image to calibrate with")
+    for path in files:
+        check_image(path)
+    return files
+
+
 def export_from_config(config_file, fmt, output_dir, opts=(), target="onnxruntime", sample_image_path=None,
-                       run_eval=False):
+                       run_eval=False, calibration_images=300):
     """config + weights (``MODEL.WEIGHTS`` / ``train.init_checkpoint``, read through GNCheckpointer) -> exported
     file in ``output_dir``; with ``run_eval``, its COCO AP on the config's test set, run from the file.
+    ``openvino-int8`` calibrates on the first ``calibration_images`` images of the training set.
     Returns ``(path, metrics or None)``. Every input is checked before anything is written."""
     from gn_det.fileio import write_json_atomically
     from gn_det.predict import load_predictor
@@ -280,7 +350,12 @@ def export_from_config(config_file, fmt, output_dir, opts=(), target="onnxruntim
     predictor = load_predictor(config_file, weights, opts, device="cpu")
     check_exportable(predictor.model, fmt, target)
     image = sample_image(predictor, config_file, opts, sample_image_path)
-    path = export_model(predictor.model, image, fmt, output_dir, target, predictor.input_format)
+    calibration = None
+    if fmt == "openvino-int8":
+        if calibration_images < 1:
+            raise InputError(f"--calibration-images {calibration_images}: give at least 1")
+        calibration = ModelInputs(predictor, calibration_files(config_file, opts, calibration_images))
+    path = export_model(predictor.model, image, fmt, output_dir, target, predictor.input_format, calibration)
     if not run_eval:
         return path, None
     from .evaluate import evaluate

@@ -15,7 +15,7 @@ import torch
 
 from detectron2.modeling.postprocessing import detector_postprocess
 
-from gn_det.checkpoint.reader import read_onnx, read_torchscript
+from gn_det.checkpoint.reader import read_onnx, read_openvino_ir, read_torchscript
 from gn_det.errors import InputError
 
 from .schema import METADATA_FILE, METADATA_KEY, eager_autocast_in_torchscript, schema_from_json
@@ -52,6 +52,14 @@ class ExportedDetector:
                 raise InputError(f"{path}: not a model exported by gn-det (no {METADATA_FILE} inside)")
             self.metadata = _metadata(extras[METADATA_FILE], path)
             self.run = self._run_torchscript
+        elif str(path).endswith(".xml"):  # OpenVINO IR (tools/export_model.py --format openvino-int8)
+            if backend != "openvino":
+                raise InputError(f"{path}: OpenVINO IR runs in --backend openvino, not {backend}")
+            model = read_openvino_ir(path)
+            if not model.has_rt_info([METADATA_KEY]):
+                raise InputError(f"{path}: not a model exported by gn-det (no {METADATA_KEY} metadata)")
+            self.metadata = _metadata(model.get_rt_info([METADATA_KEY]).astype(str), path)
+            self.run = self._openvino(model, openvino_precision, threads)
         else:
             data, model = read_onnx(path)
             props = {p.key: p.value for p in model.metadata_props}
@@ -88,7 +96,8 @@ class ExportedDetector:
             return tuple(torch.from_numpy(np.asarray(o)) for o in outputs)
         return run
 
-    def _openvino(self, data, precision, threads):
+    def _openvino(self, model, precision, threads):
+        """``model``: the ONNX file's bytes or an ``openvino.Model`` (read from IR)."""
         import openvino
 
         if precision not in OPENVINO_PRECISIONS:
@@ -97,9 +106,11 @@ class ExportedDetector:
         config = {} if precision == "default" else {"INFERENCE_PRECISION_HINT": precision}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
-        compiled = core.compile_model(core.read_model(data, b""), "CPU", config)
+        if isinstance(model, bytes):
+            model = core.read_model(model, b"")
+        compiled = core.compile_model(model, "CPU", config)
         request = compiled.create_infer_request()
-        self.openvino_precision = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+        self.openvino_precision = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # "f32", "bf16"
 
         def run(image):
             results = request.infer([image.numpy()])
@@ -126,8 +137,10 @@ class ExportedDetector:
 
 
 def load_exported(path, backend=None, openvino_precision="default", threads=0):
-    """:class:`ExportedDetector` of ``path``; ``backend`` defaults to torchscript for a TorchScript file and to
-    the runtime an ONNX file was exported for."""
+    """:class:`ExportedDetector` of ``path``; ``backend`` defaults to torchscript for a TorchScript file, to
+    openvino for OpenVINO IR (``.xml``) and to the runtime an ONNX file was exported for."""
+    if backend is None and str(path).endswith(".xml"):
+        backend = "openvino"
     if backend is None:
         backend = "onnxruntime" if str(path).endswith(".onnx") else "torchscript"
         if backend == "onnxruntime" and os.path.isfile(path):
