@@ -7,8 +7,6 @@ counts differ from image to image, so a traced file is checked on images other t
 """
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -18,7 +16,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
-from conftest import CONFIG_DIR, REPO, TINY_OPTS, tool_exit_message  # noqa: E402
+from conftest import CONFIG_DIR, TINY_OPTS, tool_exit_message, tool_main  # noqa: E402
 from gn_det import InputError  # noqa: E402
 from gn_det.config import get_gn_cfg  # noqa: E402
 
@@ -228,26 +226,20 @@ def tiny_run(tmp_path_factory):
             "val_json": str(data / "val.json"), "root": root}
 
 
-def tool(name, *args):
-    return subprocess.run([sys.executable, os.path.join(REPO, "tools", name), *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=900)
-
-
 @pytest.mark.slow
-def test_export_tool_writes_onnx_evaluates_it_and_predict_runs_it(tiny_run, tmp_path):
+def test_export_tool_writes_onnx_evaluates_it_and_predict_runs_it(tiny_run, tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     opts = SMALL + FP32 + ["MODEL.WEIGHTS", tiny_run["weights"], "DATASETS.REGISTER", str(tiny_run["register"]),
                            "DATASETS.TEST", "('tiny_val',)"]
-    proc = tool("export_model.py", "--config-file", SHAPES_GN, "--format", "onnx", "--output", str(tmp_path / "x"),
-                "--run-eval", *opts)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "bbox AP:" in proc.stdout and "segm AP:" in proc.stdout
+    tool_main("export_model.py", "--config-file", SHAPES_GN, "--format", "onnx", "--output", tmp_path / "x",
+              "--run-eval", *opts)
+    printed = capsys.readouterr().out
+    assert "bbox AP:" in printed and "segm AP:" in printed
     metrics = json.loads((tmp_path / "x" / "eval.json").read_text())["metrics"]
     assert set(metrics) == {"bbox", "segm"}
-    proc = tool("predict.py", "--config-file", SHAPES_GN, "--backend", "onnxruntime", "--weights",
-                str(tmp_path / "x" / "model.onnx"), tiny_run["val"], "--out", str(tmp_path / "p"),
-                "--coco-json", tiny_run["val_json"], "--opts", *opts)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    tool_main("predict.py", "--config-file", SHAPES_GN, "--backend", "onnxruntime", "--weights",
+              tmp_path / "x" / "model.onnx", tiny_run["val"], "--out", tmp_path / "p",
+              "--coco-json", tiny_run["val_json"], "--opts", *opts)
     assert len(os.listdir(tmp_path / "p")) == 3  # 2 PNGs and predictions.json
 
 

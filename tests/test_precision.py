@@ -205,7 +205,7 @@ def test_benchmark_tool_smoke(tmp_path):
             "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32", "TEST.DETECTIONS_PER_IMAGE", "10"]
     variants = ["d2_gn_bf16_nhwc", "gn_fast"]  # the peer first: it is also the baseline
     proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "tools", "benchmark.py"), "--size", "128", "--images", "1",
+        [sys.executable, os.path.join(REPO, "tools", "benchmark.py"), "--size", "64", "--images", "1",
          "--warmup", "0", "--repeats", "2", "--variants", *variants,
          "--output", str(output), "--config", *tiny],
         capture_output=True, text=True, cwd=tmp_path,
@@ -546,7 +546,7 @@ def test_fast_path_runs_head_relus_in_place_with_the_same_values():
     for opts in ([], SWITCHES):
         relus = [m for m in build(*opts).modules() if isinstance(m, nn.ReLU)]
         assert relus and all(type(m) is nn.ReLU and not m.inplace for m in relus)
-    model = build(*FAST)
+    model = build("MODEL.CPU_FAST_PATH", "True")  # in fp32: the check is of values, bf16 only adds time
     heads = (model.roi_heads.box_head, model.roi_heads.mask_head, model.proposal_generator.rpn_head)
     for head in heads:
         relus = [m for m in head.modules() if isinstance(m, nn.ReLU)]
@@ -557,7 +557,7 @@ def test_fast_path_runs_head_relus_in_place_with_the_same_values():
             if isinstance(child, CPUInplaceReLU):
                 setattr(module, name, nn.ReLU())
 
-    batch = random_detection_batch(num_images=2, height=128, width=128, num_classes=3)
+    batch = random_detection_batch(num_images=1, height=128, width=128, num_classes=3)
     gradients = []
     for net in (model, reference):
         losses = training_losses(net, batch)
@@ -568,7 +568,7 @@ def test_fast_path_runs_head_relus_in_place_with_the_same_values():
     assert all(torch.equal(losses[k], expected_losses[k]) for k in expected_losses)
     assert grads.keys() == expected_grads.keys() and all(torch.equal(grads[k], expected_grads[k]) for k in grads)
 
-    images = [{"image": torch.rand(3, 128, 128) * 255, "height": 128, "width": 128} for _ in range(2)]
+    images = [{"image": torch.rand(3, 128, 128) * 255, "height": 128, "width": 128}]
     with torch.no_grad():
         assert_same_instances(model.eval()(images), reference.eval()(images))
 
