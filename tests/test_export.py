@@ -298,3 +298,7 @@ def test_export_tool_refuses_bad_input_in_one_line_before_writing(tiny_run, tmp_
     line = tool_exit_message("export_model.py", "--config-file", SHAPES_GN, "--output", out, "MODEL.WEIGHTS",
                              tmp_path / "none.pth")
     assert "none.pth" in line and not out.exists()
+    broken = tmp_path / "broken.py"  # a Python config goes through the checked LazyConfig reader
+    broken.write_text("x = (\n")
+    line = tool_exit_message("export_model.py", "--config-file", broken, "--output", out)
+    assert str(broken) in line and not out.exists()

@@ -3,10 +3,11 @@ of its config, with detectron2's own evaluation (``build_detection_test_loader``
 ``inference_on_dataset``), as detectron2's ``tools/deploy/export_model.py --run-eval``."""
 import os
 
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import instantiate
 from detectron2.data import build_detection_test_loader
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset
 
+from gn_det.config import get_gn_cfg, load_lazy_config
 from gn_det.data import register_datasets
 from gn_det.errors import InputError
 
@@ -17,7 +18,7 @@ def test_loader_and_dataset(config_file, opts=(), dataset=None):
     from detectron2.data import DatasetCatalog
 
     if config_file.endswith(".py"):
-        cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), list(opts))
+        cfg = load_lazy_config(config_file, opts)
         loader_cfg = cfg.get("dataloader", {}).get("test")
         if loader_cfg is None:
             raise InputError(f"{config_file}: --run-eval needs dataloader.test in a Python config")
@@ -28,8 +29,6 @@ def test_loader_and_dataset(config_file, opts=(), dataset=None):
         if name not in DatasetCatalog.list():
             raise InputError(f"{config_file}: dataset {name!r} is not registered")
         return instantiate(loader_cfg), name
-    from gn_det.config import get_gn_cfg
-
     cfg = get_gn_cfg(config_file, list(opts))
     register_datasets(cfg.DATASETS.REGISTER)
     name = dataset or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None)

@@ -24,7 +24,8 @@ import torch
 from detectron2.export import TracingAdapter, dump_torchscript_IR
 from detectron2.modeling import GeneralizedRCNN
 
-from gn_det.checkpoint.reader import read_onnx
+from gn_det.config import get_gn_cfg, load_lazy_config
+from gn_det.data import register_datasets
 from gn_det.errors import InputError
 
 from .schema import METADATA_FILE, METADATA_KEY, eager_autocast_in_torchscript, schema_to_json
@@ -106,14 +107,17 @@ def export_model(model, image, fmt, output_dir, target="onnxruntime", input_form
         from .quantize import quantize_to_openvino_int8
 
         with tempfile.TemporaryDirectory() as tmp:
-            onnx_path = export_model(model, image, "onnx", tmp, "openvino", input_format)
-            _, onnx_model = read_onnx(onnx_path)
-            metadata = json.loads({p.key: p.value for p in onnx_model.metadata_props}[METADATA_KEY])
+            onnx_path, metadata = trace_to_file(model, image, "onnx", tmp, "openvino", input_format)
             os.makedirs(output_dir, exist_ok=True)
             path = quantize_to_openvino_int8(onnx_path, calibration or [image], output_dir,
                                              {**metadata, "format": fmt})
         logger.info("wrote %s", path)
         return path
+    return trace_to_file(model, image, fmt, output_dir, target, input_format)[0]
+
+
+def trace_to_file(model, image, fmt, output_dir, target, input_format):
+    """:func:`export_model` for TorchScript and ONNX: ``(path, metadata stored in the file)``."""
     model = model.eval()
     adapter = TracingAdapter(model, [{"image": image}], export_inference(model)).eval()  # the ONNX exporter restores its mode
     os.makedirs(output_dir, exist_ok=True)
@@ -138,7 +142,7 @@ def export_model(model, image, fmt, output_dir, target="onnxruntime", input_form
         if os.path.exists(tmp):
             os.remove(tmp)
     logger.info("wrote %s (outputs: %s)", path, adapter.outputs_schema)
-    return path
+    return path, metadata
 
 
 def write_onnx(adapter, image, path, target, metadata):
@@ -303,31 +307,28 @@ class ModelInputs(collections.abc.Sequence):
 
 
 def calibration_files(config_file, opts, count):
-    """The first ``count`` image files of the config's training set (``DATASETS.TRAIN[0]`` / ``dataloader.train``),
-    each checked to be a readable image."""
+    """The first ``count`` image files of the config's training set (``DATASETS.TRAIN[0]`` /
+    ``dataloader.train.dataset.names``), checked as a run checks its datasets, each a readable image."""
     from detectron2.data import DatasetCatalog
 
+    from gn_det.engine import check_dataset
+    from gn_det.engine.lazy_train import dataset_names
     from gn_det.predict import check_image
 
     if config_file.endswith(".py"):
-        from detectron2.config import LazyConfig
-
-        cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), list(opts))
-        names = cfg.get("dataloader", {}).get("train", {}).get("dataset", {}).get("names")
+        names = dataset_names(load_lazy_config(config_file, opts), "train")
     else:
-        from gn_det.config import get_gn_cfg
-        from gn_det.data import register_datasets
-
         cfg = get_gn_cfg(config_file, list(opts))
         register_datasets(cfg.DATASETS.REGISTER)
-        names = cfg.DATASETS.TRAIN
-    name = names if isinstance(names, str) or not names else names[0]
-    if not name or name not in DatasetCatalog.list():
-        raise InputError(f"{config_file}: --format openvino-int8 calibrates on the training set, and {name!r} is "
-                         "not a registered dataset")
+        names = [("DATASETS.TRAIN", name) for name in cfg.DATASETS.TRAIN]
+    source = f"{config_file} (--format openvino-int8 calibrates on the training set)"
+    if not names:
+        raise InputError(f"{source}: the config names no training dataset")
+    key, name = names[0]
+    check_dataset(name, key, source)
     files = [record["file_name"] for record in DatasetCatalog.get(name)[:count]]
     if not files:
-        raise InputError(f"dataset {name!r} has no image to calibrate with")
+        raise InputError(f"{source}: dataset {name!r} has no image")
     for path in files:
         check_image(path)
     return files
@@ -369,13 +370,9 @@ def export_from_config(config_file, fmt, output_dir, opts=(), target="onnxruntim
 def config_weights(config_file, opts):
     """The weights a config names: YAML ``MODEL.WEIGHTS``, Python ``train.init_checkpoint``, after overrides."""
     if config_file.endswith(".py"):
-        from detectron2.config import LazyConfig
-
-        cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), list(opts))
+        cfg = load_lazy_config(config_file, opts)
         weights, key = cfg.get("train", {}).get("init_checkpoint", ""), "train.init_checkpoint"
     else:
-        from gn_det.config import get_gn_cfg
-
         weights, key = get_gn_cfg(config_file, list(opts)).MODEL.WEIGHTS, "MODEL.WEIGHTS"
     if not weights:
         raise InputError(f"{key} is empty: give the weights to export ({key} FILE)")

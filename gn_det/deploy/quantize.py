@@ -64,14 +64,14 @@ def quantize_to_openvino_int8(onnx_path, images, output_dir, metadata):
         op.get_type_name() in QUANTIZED_TYPES for op in quantized.get_ops()), len(images))
     quantized.set_rt_info(json.dumps({**metadata, "quantization": f"nncf int8, {len(images)} images"}),
                           [METADATA_KEY])
-    path = os.path.join(output_dir, FILE_NAME)
-    tmp = path[:-len(".xml")] + ".tmp.xml"
+    stem = os.path.join(output_dir, os.path.splitext(FILE_NAME)[0])
+    tmp = stem + ".tmp"
     try:
-        openvino.save_model(quantized, tmp, compress_to_fp16=False)
-        os.replace(tmp[:-len(".xml")] + ".bin", path[:-len(".xml")] + ".bin")
-        os.replace(tmp, path)  # the graph last: a reader of model_int8.xml finds its weights already there
+        openvino.save_model(quantized, tmp + ".xml", compress_to_fp16=False)  # and tmp.bin beside it
+        os.replace(tmp + ".bin", stem + ".bin")
+        os.replace(tmp + ".xml", stem + ".xml")  # the graph last: a reader of it finds its weights already there
     finally:
-        for leftover in (tmp, tmp[:-len(".xml")] + ".bin"):
+        for leftover in (tmp + ".xml", tmp + ".bin"):
             if os.path.exists(leftover):
                 os.remove(leftover)
-    return path
+    return stem + ".xml"
