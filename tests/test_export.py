@@ -135,6 +135,92 @@ def test_onnx_for_openvino_has_native_group_normalization_and_runs_as_eager(tmp_
     assert len(norms) == sum(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
 
 
+def crowded_predictions(rois, num_classes, seed, class_agnostic=False):
+    """Box-predictor outputs for ``rois`` RoIs on a 128 px image: boxes of one class crowd together (so NMS per
+    class keeps more than ``TOPK`` only if it is not stopped), one row is NaN, scores are peaked."""
+    g = torch.Generator().manual_seed(seed)
+    corners = torch.rand(rois, 1, 2, generator=g) * 100
+    sizes = torch.rand(rois, 1, 2, generator=g) * 30 + 8
+    boxes = torch.cat([corners, corners + sizes], dim=2) - 4  # some cross the image border: clipped
+    boxes = boxes + torch.randn(rois, 1 if class_agnostic else num_classes, 4, generator=g) * 4
+    scores = torch.softmax(torch.randn(rois, num_classes + 1, generator=g) * 2, dim=1)
+    boxes, scores = boxes.flatten(1), scores
+    boxes[1] = float("nan")  # detectron2 drops non-finite rows
+    return boxes, scores
+
+
+TOPK, SCORE_THRESH, NMS_THRESH = 10, 0.05, 0.5
+
+
+@pytest.mark.parametrize("class_agnostic", [False, True], ids=["per_class_boxes", "class_agnostic_boxes"])
+def test_per_class_nms_exports_as_one_operator_and_keeps_detectron2s_detections(tmp_path, class_agnostic):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("openvino")
+    import onnx
+    import onnxruntime
+    import openvino
+    from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference_single_image
+
+    from gn_det.layers.onnx_nms import per_class_nms_inference_single_image
+
+    class Selection(torch.nn.Module):
+        def forward(self, boxes, scores):
+            result, rows = per_class_nms_inference_single_image(boxes, scores, (128, 128), SCORE_THRESH,
+                                                                NMS_THRESH, TOPK)
+            return result.pred_boxes.tensor, result.scores, result.pred_classes, rows
+
+    path = str(tmp_path / "selection.onnx")
+    torch.onnx.export(Selection(), crowded_predictions(200, 4, seed=0, class_agnostic=class_agnostic), path,
+                      opset_version=17, dynamo=False, input_names=["boxes", "scores"],
+                      dynamic_axes={"boxes": {0: "rois"}, "scores": {0: "rois"}})
+    ops = [node.op_type for node in onnx.load(path).graph.node]
+    assert ops.count("NonMaxSuppression") == 1 and "If" not in ops and "Loop" not in ops
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    compiled = openvino.Core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    runs = {
+        "eager": lambda b, s: Selection()(b, s),
+        "onnxruntime": lambda b, s: session.run(None, {"boxes": b.numpy(), "scores": s.numpy()}),
+        "openvino": lambda b, s: list(compiled([b.numpy(), s.numpy()]).values()),
+    }
+    bound_mattered = False
+    for seed, rois in [(1, 300), (2, 40), (3, 3)]:
+        boxes, scores = crowded_predictions(rois, 4, seed, class_agnostic)
+        if seed == 3:
+            scores[:, :-1] = SCORE_THRESH  # nothing above the threshold: no detection
+        expected, rows = fast_rcnn_inference_single_image(boxes, scores, (128, 128), SCORE_THRESH, NMS_THRESH, -1)
+        classes_kept = torch.bincount(expected.pred_classes, minlength=4)
+        bound_mattered |= bool((classes_kept > TOPK).any())
+        # detectron2's kept rows count the finite rows only; ours are RoI indices
+        rows = (torch.isfinite(boxes).all(1) & torch.isfinite(scores).all(1)).nonzero().flatten()[rows[:TOPK]]
+        expected = expected[:TOPK]
+        for name, run in runs.items():
+            got = [torch.as_tensor(np.asarray(x)) for x in run(boxes, scores)]
+            assert len(got[1]) == len(expected), (name, seed)
+            assert torch.allclose(got[0], expected.pred_boxes.tensor, atol=1e-4), (name, seed)
+            assert torch.allclose(got[1], expected.scores, atol=1e-6), (name, seed)
+            assert torch.equal(got[2].long(), expected.pred_classes) and torch.equal(got[3].long(), rows), (name, seed)
+    assert bound_mattered  # some class kept more than TOPK boxes: the per-class stop was exercised
+
+
+def test_gn_det_box_predictor_exports_nms_per_class_stopped_at_the_detections_per_image(tmp_path):
+    pytest.importorskip("onnx")
+    import onnx
+    from onnx import numpy_helper
+
+    from gn_det.deploy import export_model
+    from gn_det.layers.onnx_nms import OnnxNMSOutputLayers
+
+    model, cfg = tiny_model(opts=FP32)
+    assert type(model.roi_heads.box_predictor) is OnnxNMSOutputLayers
+    graph = onnx.load(export_model(model, images(1)[0], "onnx", str(tmp_path))).graph
+    constants = {out: numpy_helper.to_array(node.attribute[0].t) for node in graph.node if node.op_type == "Constant"
+                 for out in node.output}
+    constants.update({init.name: numpy_helper.to_array(init) for init in graph.initializer})
+    stopped = [node for node in graph.node if node.op_type == "NonMaxSuppression"
+               and node.input[2] in constants and int(constants[node.input[2]][0]) == cfg.TEST.DETECTIONS_PER_IMAGE]
+    assert len(stopped) == 1  # the box predictor's; the RPN's NMS is torchvision's
+
+
 def test_onnx_of_the_fast_path_is_one_line_naming_the_keys(tmp_path):
     from gn_det.deploy import export_model
 

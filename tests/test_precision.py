@@ -400,13 +400,14 @@ def test_top_scores_first_nms_equals_detectron2(monkeypatch, stacked):
 
 
 def test_fast_path_predicts_boxes_with_top_scores_first():
-    from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 
     from gn_det.cpu import TopScoresFirstOutputLayers
+    from gn_det.layers.onnx_nms import OnnxNMSOutputLayers
 
     reference = build()
-    assert type(reference.roi_heads.box_predictor) is FastRCNNOutputLayers  # fp32 default: detectron2's own
-    assert type(build(*SWITCHES).roi_heads.box_predictor) is FastRCNNOutputLayers
+    # fp32 default: detectron2's inference (test_fp32_default_is_stock_generalized_rcnn), per-class NMS in ONNX
+    assert type(reference.roi_heads.box_predictor) is OnnxNMSOutputLayers
+    assert type(build(*SWITCHES).roi_heads.box_predictor) is OnnxNMSOutputLayers
     fast = build(*FAST)
     assert type(fast.roi_heads.box_predictor) is TopScoresFirstOutputLayers
     # same names, and the same initial weights from the same seed (the fast predictor leaves the RNG as it was)

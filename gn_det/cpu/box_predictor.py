@@ -12,8 +12,10 @@ from typing import Tuple
 import torch
 from torchvision.ops import batched_nms
 
-from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers, fast_rcnn_inference_single_image
+from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference_single_image
 from detectron2.structures import Boxes, Instances
+
+from ..layers.onnx_nms import OnnxNMSOutputLayers
 
 # Pairs that the first NMS runs on, per detection kept; each retry takes 4x more.
 FIRST_CANDIDATES_PER_DETECTION = 4
@@ -106,7 +108,7 @@ def _select(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor, scor
     return boxes[keep], scores[keep], filter_inds[:, 1], filter_inds[:, 0]
 
 
-class TopScoresFirstOutputLayers(FastRCNNOutputLayers):
+class TopScoresFirstOutputLayers(OnnxNMSOutputLayers):
     """detectron2's FastRCNNOutputLayers whose CPU inference runs NMS on the top-scoring pairs first.
 
     Same parameters, losses and detections (see :func:`top_scores_first_inference_single_image`); only
@@ -115,30 +117,10 @@ class TopScoresFirstOutputLayers(FastRCNNOutputLayers):
     :func:`traceable_top_scores_first_inference_single_image`, the same selection with the loop in TorchScript.
     """
 
-    @classmethod
-    def like(cls, predictor, cfg, input_shape):
-        """A TopScoresFirstOutputLayers built from ``cfg`` and ``input_shape`` as detectron2 built ``predictor``,
-        with its weights. The global random state is left as building ``predictor`` left it, so the layers built
-        after it initialise as in detectron2's model."""
-        with torch.random.fork_rng(devices=[]):
-            fast = cls(cfg, input_shape)
-        fast.load_state_dict(predictor.state_dict())
-        return fast
-
     def inference(self, predictions, proposals):
         if predictions[0].device.type != "cpu":  # predictions: (class scores, box deltas) of every RoI
             return super().inference(predictions, proposals)
-        boxes = self.predict_boxes(predictions, proposals)
-        scores = self.predict_probs(predictions, proposals)
         # in torch.jit.trace, the form whose file keeps the data-dependent loop
-        inference_single_image = (traceable_top_scores_first_inference_single_image if torch.jit.is_tracing()
-                                  else top_scores_first_inference_single_image)
-        # detectron2's fast_rcnn_inference: the per-image function over the images, results split in two lists
-        results = [
-            inference_single_image(
-                boxes_per_image, scores_per_image, proposals_per_image.image_size, self.test_score_thresh,
-                self.test_nms_thresh, self.test_topk_per_image,
-            )
-            for boxes_per_image, scores_per_image, proposals_per_image in zip(boxes, scores, proposals)
-        ]
-        return [instances for instances, _ in results], [kept for _, kept in results]
+        return self.inference_per_image(
+            traceable_top_scores_first_inference_single_image if torch.jit.is_tracing()
+            else top_scores_first_inference_single_image, predictions, proposals)

@@ -21,6 +21,7 @@ from detectron2.modeling.roi_heads.roi_heads import Res5ROIHeads, StandardROIHea
 
 from ..cpu import (INFERENCE_CHUNK_BYTES, CPUInplaceReLU, LayoutPreservingROIPooler, RoIChunkedInference,
                    TopScoresFirstOutputLayers, cpu_fast_path, use_cpu_inplace_relus)
+from ..layers.onnx_nms import OnnxNMSOutputLayers
 from .meta_arch import PrecisionLayoutMixin
 from .norm_sites import finish_norm_sites, with_gn_specs
 
@@ -73,11 +74,15 @@ class GNMaskHead(RoIChunkedInference, _ConfiguredNormHead, MaskRCNNConvUpsampleH
         return self.run_in_chunks(super().layers, x)
 
 
-def with_cpu_pooler_and_predictor(ret, pooler_key, cfg, predictor_shape):
-    """Make ``ret[pooler_key]`` and ``ret["box_predictor"]`` of an ROI heads' constructor arguments, as detectron2
-    built them, the CPU fast path's (same settings and weights), in place."""
-    ret[pooler_key] = LayoutPreservingROIPooler.like(ret[pooler_key])
-    ret["box_predictor"] = TopScoresFirstOutputLayers.like(ret["box_predictor"], cfg, predictor_shape)
+def with_gn_det_pooler_and_predictor(ret, pooler_key, cfg, predictor_shape):
+    """Make ``ret["box_predictor"]`` of an ROI heads' constructor arguments, as detectron2 built it, gn-det's (same
+    settings and weights), in place: with ``MODEL.CPU_FAST_PATH`` the CPU fast path's box predictor and
+    ``ret[pooler_key]``, otherwise OnnxNMSOutputLayers (detectron2's eager inference, per-class NMS in ONNX)."""
+    if cpu_fast_path(cfg):
+        ret[pooler_key] = LayoutPreservingROIPooler.like(ret[pooler_key])
+        ret["box_predictor"] = TopScoresFirstOutputLayers.like(ret["box_predictor"], cfg, predictor_shape)
+    else:
+        ret["box_predictor"] = OnnxNMSOutputLayers.like(ret["box_predictor"], cfg, predictor_shape)
     return ret
 
 
@@ -85,16 +90,15 @@ def with_cpu_pooler_and_predictor(ret, pooler_key, cfg, predictor_shape):
 class GNStandardROIHeads(StandardROIHeads):
     """detectron2's StandardROIHeads (FPN Mask R-CNN) whose box and mask poolers and box predictor are, with
     ``MODEL.CPU_FAST_PATH``, the CPU fast path's: LayoutPreservingROIPooler and TopScoresFirstOutputLayers.
-    Without it, exactly StandardROIHeads."""
+    Without it, StandardROIHeads with OnnxNMSOutputLayers, which computes as detectron2's box predictor and
+    exports its NMS per class."""
 
     builds_cpu_fast_path = True  # read by gn_det.config's check of MODEL.CPU_FAST_PATH, through the registry
 
     @classmethod
     def _init_box_head(cls, cfg, input_shape):
         ret = super()._init_box_head(cfg, input_shape)
-        if cpu_fast_path(cfg):
-            with_cpu_pooler_and_predictor(ret, "box_pooler", cfg, ret["box_head"].output_shape)
-        return ret
+        return with_gn_det_pooler_and_predictor(ret, "box_pooler", cfg, ret["box_head"].output_shape)
 
     @classmethod
     def _init_mask_head(cls, cfg, input_shape):
@@ -108,16 +112,17 @@ class GNStandardROIHeads(StandardROIHeads):
 class GNRes5ROIHeads(RoIChunkedInference, Res5ROIHeads):
     """C4 ROI heads: the res5 stage that runs on each RoI takes ``MODEL.RESNETS.NORM`` from gn-det's factory
     (detectron2's own would build a fixed 32-group ``nn.GroupNorm``). With ``MODEL.CPU_FAST_PATH`` its pooler
-    and box predictor are the CPU fast path's and CPU inference runs res5 on chunks of RoIs."""
+    and box predictor are the CPU fast path's and CPU inference runs res5 on chunks of RoIs; without it the box
+    predictor is OnnxNMSOutputLayers."""
 
     builds_cpu_fast_path = True
 
     @classmethod
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
+        res5_shape = ShapeSpec(channels=ret["box_predictor"].cls_score.in_features, height=1, width=1)
+        with_gn_det_pooler_and_predictor(ret, "pooler", cfg, res5_shape)
         if cpu_fast_path(cfg):
-            res5_shape = ShapeSpec(channels=ret["box_predictor"].cls_score.in_features, height=1, width=1)
-            with_cpu_pooler_and_predictor(ret, "pooler", cfg, res5_shape)
             ret["inference_chunk_bytes"] = INFERENCE_CHUNK_BYTES
         return ret
 
