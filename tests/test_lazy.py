@@ -45,6 +45,10 @@ dataloader, model, optimizer, train, lr_multiplier = (
     _lsj.dataloader, _lsj.model, _lsj.optimizer, _lsj.train, _lsj.lr_multiplier)
 set_norm(model, gn_det.GN(num_groups=16))
 
+# small for the test: R-18, and 64 RoIs per image (the 4conv1fc box head's convs run on every RoI)
+model.backbone.bottom_up.stages.depth = 18
+del model.backbone.bottom_up.stages.stride_in_1x1
+model.roi_heads.batch_size_per_image = 64
 model.roi_heads.num_classes = 3
 dataloader.train.dataset.names = "tiny_lazy_train"
 dataloader.train.mapper.augmentations = [

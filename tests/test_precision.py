@@ -400,7 +400,6 @@ def test_top_scores_first_nms_equals_detectron2(monkeypatch, stacked):
 
 
 def test_fast_path_predicts_boxes_with_top_scores_first():
-
     from gn_det.cpu import TopScoresFirstOutputLayers
     from gn_det.layers.onnx_nms import OnnxNMSOutputLayers
 

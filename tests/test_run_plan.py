@@ -164,7 +164,8 @@ def test_model_is_built_once_and_rng_sequence_is_detectron2s(dataset, tmp_path, 
 
 
 def test_every_gn_det_head_and_roi_heads_class_builds_from_a_python_config():
-    """Plain constructor arguments: each registered head and ROI-heads class is a LazyCall target."""
+    """Plain constructor arguments: each registered head and ROI-heads class, and the box predictor, is a LazyCall
+    target."""
     from detectron2 import model_zoo
     from detectron2.config import LazyCall as L
     from detectron2.config import instantiate
@@ -190,11 +191,13 @@ def test_every_gn_det_head_and_roi_heads_class_builds_from_a_python_config():
     fpn.roi_heads.box_head._target_ = GNConvFCHead
     fpn.roi_heads.mask_head._target_ = GNMaskHead
     fpn.proposal_generator.head._target_ = GNRPNHead
+    fpn.roi_heads.box_predictor._target_ = "gn_det.layers.onnx_nms.OnnxNMSOutputLayers"  # as docs/DEPLOY.md says
     fpn.backbone.bottom_up.stages.depth = 18
     del fpn.backbone.bottom_up.stages.stride_in_1x1
     gn_det.lazy.set_norm(fpn, gn_det.GN(num_groups=32))
     model = instantiate(fpn)
     assert type(model.roi_heads.box_head).__name__ == "GNConvFCHead"
+    assert type(model.roi_heads.box_predictor).__name__ == "OnnxNMSOutputLayers"
     assert type(model.proposal_generator.rpn_head.conv.norm).__name__ == "GroupNorm"
 
     c4 = model_zoo.get_config("common/models/mask_rcnn_c4.py").model
