@@ -144,7 +144,7 @@ def crowded_predictions(rois, num_classes, seed, class_agnostic=False):
     boxes = torch.cat([corners, corners + sizes], dim=2) - 4  # some cross the image border: clipped
     boxes = boxes + torch.randn(rois, 1 if class_agnostic else num_classes, 4, generator=g) * 4
     scores = torch.softmax(torch.randn(rois, num_classes + 1, generator=g) * 2, dim=1)
-    boxes, scores = boxes.flatten(1), scores
+    boxes = boxes.flatten(1)
     boxes[1] = float("nan")  # detectron2 drops non-finite rows
     return boxes, scores
 

@@ -13,9 +13,8 @@ import torch
 from torchvision.ops import batched_nms
 
 from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference_single_image
-from detectron2.structures import Boxes, Instances
 
-from ..layers.onnx_nms import OnnxNMSOutputLayers
+from ..layers.onnx_nms import OnnxNMSOutputLayers, detections, finite_rows_and_clipped_boxes
 
 # Pairs that the first NMS runs on, per detection kept; each retry takes 4x more.
 FIRST_CANDIDATES_PER_DETECTION = 4
@@ -53,18 +52,11 @@ def traceable_top_scores_first_inference_single_image(boxes, scores, image_shape
     """:func:`top_scores_first_inference_single_image` in a form ``torch.jit.trace`` records whole: the box
     clipping is traced, the retry loop and detectron2's selection (:func:`_select_top_scores_first`) are
     TorchScript, so the exported file keeps the loop and decides every threshold on its own input."""
-    valid = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores).all(dim=1)
-    num_bbox_reg_classes = boxes.shape[1] // 4
-    clipped = Boxes(boxes.reshape(-1, 4))
-    clipped.clip(image_shape)
+    valid, clipped = finite_rows_and_clipped_boxes(boxes, scores, image_shape)
     kept_boxes, kept_scores, classes, rows = _select_top_scores_first(
-        clipped.tensor.view(-1, num_bbox_reg_classes, 4), scores, valid, float(score_thresh), float(nms_thresh),
-        int(topk_per_image), FIRST_CANDIDATES_PER_DETECTION, GROWTH)
-    result = Instances(image_shape)
-    result.pred_boxes = Boxes(kept_boxes)
-    result.scores = kept_scores
-    result.pred_classes = classes
-    return result, rows
+        clipped, scores, valid, float(score_thresh), float(nms_thresh), int(topk_per_image),
+        FIRST_CANDIDATES_PER_DETECTION, GROWTH)
+    return detections(image_shape, kept_boxes, kept_scores, classes), rows
 
 
 @torch.jit.script_if_tracing

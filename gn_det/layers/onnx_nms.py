@@ -55,10 +55,7 @@ def per_class_nms_inference_single_image(boxes, scores, image_shape, score_thres
     rows are RoI indices (detectron2's count the finite rows only: the same when every row is finite).
     """
     num_classes = scores.shape[1] - 1
-    valid = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores).all(dim=1)
-    clipped = Boxes(torch.where(valid[:, None], boxes, torch.zeros_like(boxes)).reshape(-1, 4))
-    clipped.clip(image_shape)
-    boxes = clipped.tensor.view(-1, boxes.shape[1] // 4, 4)  # R x K x 4, or R x 1 x 4 for class-agnostic boxes
+    valid, boxes = finite_rows_and_clipped_boxes(boxes, scores, image_shape)
     class_boxes = boxes.expand(-1, num_classes, 4).transpose(0, 1).contiguous()  # K x R x 4: a class per batch
     foreground = scores[:, :-1]
     class_scores = torch.where(valid[:, None] & (foreground > score_thresh), foreground,
@@ -72,11 +69,26 @@ def per_class_nms_inference_single_image(boxes, scores, image_shape, score_thres
     if topk_per_image >= 0:
         order = order[:topk_per_image]
     classes, rows = classes[order], rows[order]
+    return detections(image_shape, class_boxes[classes, rows], kept_scores[order], classes), rows
+
+
+def finite_rows_and_clipped_boxes(boxes, scores, image_shape):
+    """The first step of detectron2's ``fast_rcnn_inference_single_image`` in a traceable form: which RoIs have
+    finite boxes and scores (R), and the boxes clipped to the image, R x K x 4 (R x 1 x 4 for class-agnostic
+    boxes). Non-finite rows are zeroed first (``Boxes.clip`` refuses them); callers drop them by ``valid``."""
+    valid = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores).all(dim=1)
+    clipped = Boxes(torch.where(valid[:, None], boxes, torch.zeros_like(boxes)).reshape(-1, 4))
+    clipped.clip(image_shape)
+    return valid, clipped.tensor.view(-1, boxes.shape[1] // 4, 4)
+
+
+def detections(image_shape, boxes, scores, classes):
+    """``Instances`` of detected boxes as detectron2's box predictor returns them."""
     result = Instances(image_shape)
-    result.pred_boxes = Boxes(class_boxes[classes, rows])
-    result.scores = kept_scores[order]
+    result.pred_boxes = Boxes(boxes)
+    result.scores = scores
     result.pred_classes = classes
-    return result, rows
+    return result
 
 
 class OnnxNMSOutputLayers(FastRCNNOutputLayers):
