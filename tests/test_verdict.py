@@ -1,4 +1,5 @@
 """The dataset check done once: the verdict cached by the files' fingerprints, and shared by process 0."""
+import functools
 import json
 import os
 
@@ -149,6 +150,33 @@ def test_shared_verdict_comes_from_process_0(monkeypatch):
     assert sent == [("ok", ["b"]), ("input error", "dataset 'y': bad")]
 
 
+def test_a_launched_worker_leaves_its_process_group_when_it_returns_or_raises(tmp_path):
+    """A worker that exits with a gloo group alive may abort in the interpreter's teardown (SIGABRT)."""
+    import torch.distributed as dist
+
+    from gn_det.engine.launch import run_worker
+
+    def in_group():
+        assert dist.is_initialized()
+        return "done"
+
+    def bad():
+        raise InputError("dataset 'y': bad")
+
+    for store, main_func in (("ok", in_group), ("bad", bad)):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / store}", rank=0, world_size=1)
+        try:
+            if main_func is bad:
+                with pytest.raises(InputError, match="dataset 'y': bad"):
+                    run_worker(main_func)
+            else:
+                assert run_worker(main_func) == "done"
+            assert not dist.is_initialized()
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
 def check_in_each_process(json_file, image_dir, record):
     """Run by each process of a 2-process launch: the check once, noting which processes ran the full check."""
     from detectron2.utils import comm
@@ -171,10 +199,12 @@ def check_in_each_process(json_file, image_dir, record):
 def test_process_0_checks_for_a_distributed_run(tiny_coco, tmp_path):
     from detectron2.engine import launch
 
+    from gn_det.engine.launch import run_worker
+
     json_file, image_dir = tiny_coco
     for record in (tmp_path / "first", tmp_path / "again"):
         record.mkdir()
-        launch(check_in_each_process, 2, dist_url="auto", args=(json_file, image_dir, str(record)))
+        launch(functools.partial(run_worker, check_in_each_process), 2, dist_url="auto", args=(json_file, image_dir, str(record)))
     assert sorted(os.listdir(tmp_path / "first")) == ["checked_by_0", "classes_0.json", "classes_1.json"]
     assert sorted(os.listdir(tmp_path / "again")) == ["classes_0.json", "classes_1.json"]  # the cached verdict
     for rank in (0, 1):

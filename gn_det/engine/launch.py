@@ -1,6 +1,8 @@
-"""detectron2's ``launch`` for gn-det's tools: bad input in a spawned worker reaches the user as one line."""
+"""detectron2's ``launch`` for gn-det's tools: bad input in a spawned worker reaches the user as one line, and each
+worker leaves its process group before it exits."""
 import functools
 
+import torch.distributed as dist
 from torch.multiprocessing import ProcessRaisedException
 
 from detectron2.engine import launch as d2_launch
@@ -8,13 +10,22 @@ from detectron2.engine import launch as d2_launch
 from gn_det.errors import InputError, input_error_in_traceback, one_line
 
 
-def raise_input_errors_as_such(main_func, *args):
-    """``main_func(*args)``, with any InputError (a subclass, or one from a DataLoader worker) raised as a plain
-    InputError of its one line, so that the traceback text a spawned worker sends its parent ends with it."""
+def run_worker(main_func, *args):
+    """``main_func(*args)`` in one process of a launch.
+
+    - Any InputError (a subclass, or one from a DataLoader worker) is raised as a plain InputError of its one line,
+      so that the traceback text a spawned worker sends its parent ends with it.
+    - The process group is destroyed before the worker returns. A process that exits with a gloo group still alive
+      may abort in the interpreter's teardown (SIGABRT, "terminate called without an active exception"), and
+      ``launch`` then fails a run that had finished.
+    """
     try:
         return main_func(*args)
     except InputError as err:
         raise InputError(one_line(err)) from None
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def launch(main_func, args):
@@ -26,7 +37,7 @@ def launch(main_func, args):
     tool prints its one line, not the worker's traceback. Any other error of a worker keeps its traceback.
     """
     try:
-        d2_launch(functools.partial(raise_input_errors_as_such, main_func), args.num_gpus,
+        d2_launch(functools.partial(run_worker, main_func), args.num_gpus,
                   num_machines=args.num_machines, machine_rank=args.machine_rank, dist_url=args.dist_url,
                   args=(args,))
     except ProcessRaisedException as err:
