@@ -177,21 +177,22 @@ def test_a_launched_worker_leaves_its_process_group_when_it_returns_or_raises(tm
                 dist.destroy_process_group()
 
 
-def check_in_each_process(json_file, image_dir, record):
-    """Run by each process of a 2-process launch: the check once, noting which processes ran the full check."""
+def check_in_each_process(json_file, image_dir, records):
+    """Run by each process of a 2-process launch: the check once per folder of ``records`` (the verdict is
+    cached on disk, so a later round reads it as a later start would), noting which processes ran the full check."""
     from detectron2.utils import comm
 
     full_check = register.check_coco_dataset_verdict
     rank = comm.get_rank()
+    for record in records:
+        def counted(*args, record=record):
+            open(os.path.join(record, f"checked_by_{rank}"), "w").close()
+            return full_check(*args)
 
-    def counted(*args):
-        open(os.path.join(record, f"checked_by_{rank}"), "w").close()
-        return full_check(*args)
-
-    register.check_coco_dataset_verdict = counted
-    classes = register.check_coco_dataset_once(json_file, image_dir, "tiny")
-    with open(os.path.join(record, f"classes_{rank}.json"), "w") as f:
-        json.dump(classes, f)
+        register.check_coco_dataset_verdict = counted
+        classes = register.check_coco_dataset_once(json_file, image_dir, "tiny")
+        with open(os.path.join(record, f"classes_{rank}.json"), "w") as f:
+            json.dump(classes, f)
 
 
 @pytest.mark.slow
@@ -202,9 +203,11 @@ def test_process_0_checks_for_a_distributed_run(tiny_coco, tmp_path):
     from gn_det.engine.launch import run_worker
 
     json_file, image_dir = tiny_coco
-    for record in (tmp_path / "first", tmp_path / "again"):
+    records = [tmp_path / "first", tmp_path / "again"]
+    for record in records:
         record.mkdir()
-        launch(functools.partial(run_worker, check_in_each_process), 2, dist_url="auto", args=(json_file, image_dir, str(record)))
+    launch(functools.partial(run_worker, check_in_each_process), 2, dist_url="auto",
+           args=(json_file, image_dir, [str(record) for record in records]))
     assert sorted(os.listdir(tmp_path / "first")) == ["checked_by_0", "classes_0.json", "classes_1.json"]
     assert sorted(os.listdir(tmp_path / "again")) == ["classes_0.json", "classes_1.json"]  # the cached verdict
     for rank in (0, 1):
