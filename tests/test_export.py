@@ -135,6 +135,35 @@ def test_onnx_for_openvino_has_native_group_normalization_and_runs_as_eager(tmp_
     assert len(norms) == sum(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
 
 
+def test_openvino_ir_runs_as_eager_and_keeps_the_roi_coordinates_in_f32_under_bf16(tmp_path):
+    """--format openvino: OpenVINO IR; at bf16 OpenVINO would round the RoI boxes the poolers read (they are not
+    in the graph's f32 tail), so the nodes computing them carry the f32 attribute in the file."""
+    openvino = pytest.importorskip("openvino")
+    from gn_det.deploy.openvino_ir import roi_coordinate_nodes
+
+    model, _ = tiny_model(opts=FP32)
+    path = exported_equals_eager(model, "openvino", tmp_path, [("openvino", "f32")], count=2)
+    assert sorted(os.listdir(tmp_path)) == ["model.bin", "model.xml"]
+    core = openvino.Core()
+    marked = roi_coordinate_nodes(core.read_model(path))
+    assert {"Gather", "Concat"} <= {op.get_type_name() for op in core.read_model(path).get_ops()
+                                    if op.get_friendly_name() in marked}
+    assert open(path).read().count('name="DisablePrecisionConversion"') == len(marked)
+    if "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        pytest.skip("OpenVINO runs bf16 only on a CPU with AVX512-BF16 or AMX")
+    runtime = core.compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "bf16"}).get_runtime_model()
+
+    def info(node, key):
+        return node.get_rt_info()[key].astype(str)
+    roi_aligns = [op for op in runtime.get_ops() if info(op, "layerType") == "ROIAlign"]
+    assert len(roi_aligns) == 8  # 4 levels, box and mask poolers
+    for op in roi_aligns:
+        boxes = op.input(1).get_source_output().get_node()
+        assert info(op, "runtimePrecision") == "bf16"  # the features, as the rest of the model
+        # unmarked, this is a Reorder from the bf16 the boxes were gathered in
+        assert info(boxes, "runtimePrecision") == "f32", (op.get_friendly_name(), info(boxes, "layerType"))
+
+
 def crowded_predictions(rois, num_classes, seed, class_agnostic=False):
     """Box-predictor outputs for ``rois`` RoIs on a 128 px image: boxes of one class crowd together (so NMS per
     class keeps more than ``TOPK`` only if it is not stopped), one row is NaN, scores are peaked."""
@@ -357,6 +386,7 @@ def test_int8_export_quantizes_only_convolutions_evaluates_and_detects_as_float(
     quantizers = [op for op in openvino.Core().read_model(path).get_ops() if op.get_type_name() == "FakeQuantize"]
     readers = {target.get_node().get_type_name() for op in quantizers for target in op.output(0).get_target_inputs()}
     assert quantizers and readers - {"ShapeOf"} <= QUANTIZED_TYPES, readers  # ShapeOf reads no value
+    assert 'name="DisablePrecisionConversion"' in open(path).read()  # the RoI coordinates, as --format openvino
 
     model, _ = tiny_model(opts=FP32)  # the weights of tiny_run
     exported = load_exported(path)  # .xml: OpenVINO

@@ -227,6 +227,25 @@ def test_benchmark_tool_smoke(tmp_path):
         assert result["train_s_per_iter"] == pytest.approx(sum(result["train_times"]["wall_s"]) / 2)
 
 
+def test_export_protocol_table_names_each_file_and_compares_with_the_fastest_stock_path():
+    from gn_det.analysis.benchmark import export_protocol_table
+
+    def result(seconds, export=None, precision=None):
+        return {"infer_s_per_image": seconds, "infer_peak_mib": 100.0, "export": export,
+                "openvino_precision": precision}
+    report = {"baseline": "d2_gn_fp32", "variants": {
+        "d2_gn_fp32": result(3.0),
+        "d2_gn_openvino_f32": result(2.5, ["onnx", "onnxruntime", "openvino", "f32"], "f32"),
+        "gn_openvino": result(2.0, ["openvino", "openvino", "openvino", "default"], "bf16"),
+        "gn_openvino_int8": result(1.0, ["openvino-int8", "openvino", "openvino", "default"], "bf16")}}
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in export_protocol_table(report).splitlines()[2:]]
+    assert [row[:2] for row in rows] == [["d2_gn_fp32", "eager"], ["d2_gn_openvino_f32", "onnx in openvino (f32)"],
+                                         ["gn_openvino", "OpenVINO IR in openvino (bf16)"],
+                                         ["gn_openvino_int8", "int8 OpenVINO IR in openvino (bf16)"]]
+    assert [row[3:5] for row in rows] == [["1.000", "0.833"], ["1.200", "1.000"], ["1.500", "1.250"],
+                                          ["3.000", "2.500"]]  # x stock fp32, x the fastest stock path
+
+
 def test_benchmark_rounds_pool_their_timed_calls():
     """--rounds: each round is a fresh process; the report pools every round's timed calls and keeps the highest
     peak memory."""

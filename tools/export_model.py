@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Export a trained gn-det model to TorchScript, ONNX or int8 OpenVINO IR (detectron2's
+"""Export a trained gn-det model to TorchScript, ONNX or OpenVINO IR, float or int8 (detectron2's
 tools/deploy/export_model.py flags), and optionally evaluate the exported file (COCO box / mask AP on the
 config's test set):
 
@@ -28,7 +28,7 @@ def main(argv):
                         help="openvino-int8: calibrate on the first N training images (default: %(default)s)")
     parser.add_argument("--sample-image", metavar="FILE", help="image to trace with (default: first test image)")
     parser.add_argument("--output", required=True, metavar="DIR",
-                        help="folder for model.ts / model.onnx / model_int8.xml + .bin")
+                        help="folder for model.ts / model.onnx / model.xml or model_int8.xml + .bin")
     parser.add_argument("--run-eval", action="store_true",
                         help="evaluate the exported file on the config's test set (COCO box / mask AP)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],

@@ -18,7 +18,7 @@ def main():
     parser.add_argument("--config-file", required=True, metavar="FILE", help="the model's YAML or Python config")
     parser.add_argument("--weights", required=True, metavar="FILE",
                         help="checkpoint to load (e.g. model_final.pth), or with --backend other than torch the file "
-                             "tools/export_model.py wrote (model.ts, model.onnx, model_int8.xml)")
+                             "tools/export_model.py wrote (model.ts, model.onnx, model.xml, model_int8.xml)")
     parser.add_argument("--backend", choices=BACKENDS, default="torch",
                         help="what runs the model: torch (the config's model), or an exported file in torchscript, "
                              "onnxruntime or openvino (CPU; default: %(default)s)")

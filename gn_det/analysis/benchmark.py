@@ -61,8 +61,9 @@ VARIANTS = {
                            "export": ("onnx", "onnxruntime", "openvino", "f32")},
     "d2_gn_openvino": {"config": D2_GN_CONFIG, "options": [], "export": ("onnx", "onnxruntime", "openvino", "default")},
     "gn_onnxruntime": {"config": GN_CONFIG, "options": [], "export": ("onnx", "onnxruntime", "onnxruntime", "")},
-    "gn_openvino_f32": {"config": GN_CONFIG, "options": [], "export": ("onnx", "openvino", "openvino", "f32")},
-    "gn_openvino": {"config": GN_CONFIG, "options": [], "export": ("onnx", "openvino", "openvino", "default")},
+    # gn-det's OpenVINO IR (--format openvino: the RoI coordinates kept in f32 under bf16)
+    "gn_openvino_f32": {"config": GN_CONFIG, "options": [], "export": ("openvino", "openvino", "openvino", "f32")},
+    "gn_openvino": {"config": GN_CONFIG, "options": [], "export": ("openvino", "openvino", "openvino", "default")},
     "gn_fast_torchscript": {"config": GN_CONFIG, "options": SWITCHES + ["MODEL.CPU_FAST_PATH", "True"],
                             "export": ("torchscript", None, "torchscript", "")},
     # int8 (gn_det.deploy.quantize), calibrated on the timed image: calibration sets ranges, not the work
@@ -450,6 +451,9 @@ def markdown_table(report, clock="wall"):
 
 
 
+FILE_KINDS = {"openvino": "OpenVINO IR", "openvino-int8": "int8 OpenVINO IR"}  # the --format names, as tables say them
+
+
 def export_protocol_table(report, clock="wall"):
     """The ``--protocol export`` results as a Markdown table: inference s/image, "x base" relative to the first
     variant, "x best d2" relative to the fastest stock detectron2 variant (eager or exported) that ran."""
@@ -461,7 +465,8 @@ def export_protocol_table(report, clock="wall"):
     best_stock = min(stock) if stock else None
     rows = []
     for name, r in variants.items():
-        what = "eager" if not r.get("export") else f"{r['export'][0]} in {r['export'][2]}"
+        fmt, backend = (r["export"][0], r["export"][2]) if r.get("export") else (None, None)
+        what = f"{FILE_KINDS.get(fmt, fmt)} in {backend}" if fmt else "eager"
         if VARIANTS.get(name, {}).get("compile"):
             what += ", backbone under torch.compile"
         if r.get("openvino_precision"):

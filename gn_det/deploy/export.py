@@ -11,8 +11,9 @@ precision the traced graph was recorded under.
   autocast pass off, so it records eager autocast's casts; the loader runs it under the same autocast.
 - ONNX takes fp32 models without the fast path (:func:`check_exportable`). Its GroupNorm form is chosen by the
   runtime the file is for (:data:`ONNX_TARGETS`).
-- ``openvino-int8`` is the OpenVINO ONNX file quantized to int8 by NNCF on calibration images
-  (:mod:`gn_det.deploy.quantize`), written as OpenVINO IR.
+- ``openvino`` is the OpenVINO ONNX file written as OpenVINO IR, with the RoI coordinates kept in f32 when
+  OpenVINO runs the rest in bf16 (:mod:`gn_det.deploy.openvino_ir`); ``openvino-int8`` is the same quantized to
+  int8 by NNCF on calibration images (:mod:`gn_det.deploy.quantize`).
 """
 import collections.abc
 import json
@@ -32,8 +33,9 @@ from .schema import METADATA_FILE, METADATA_KEY, eager_autocast_in_torchscript, 
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("torchscript", "onnx", "openvino-int8")
-FILE_NAMES = {"torchscript": "model.ts", "onnx": "model.onnx", "openvino-int8": "model_int8.xml"}
+FORMATS = ("torchscript", "onnx", "openvino", "openvino-int8")
+FILE_NAMES = {"torchscript": "model.ts", "onnx": "model.onnx", "openvino": "model.xml",
+              "openvino-int8": "model_int8.xml"}  # OpenVINO IR: the .xml graph, its weights in the .bin beside it
 # The ONNX opset per runtime (why, with the measurement: docs/DEPLOY.md, "GroupNorm in ONNX"): ONNX Runtime has no
 # CPU kernel for GroupNormalization-21 and runs its function body, so it gets the opset-17 decomposition
 # (Reshape -> InstanceNormalization -> Reshape -> Mul -> Add); OpenVINO has a GroupNormalization kernel.
@@ -70,7 +72,7 @@ def check_exportable(model, fmt, target="onnxruntime"):
         raise InputError(f"--format {fmt!r} is not an export format; choose one of {', '.join(FORMATS)}")
     if fmt == "torchscript":
         return
-    if fmt == "openvino-int8":
+    if fmt.startswith("openvino"):
         target = "openvino"
     if target not in ONNX_TARGETS:
         raise InputError(f"--onnx-runtime {target!r} is not a runtime; choose one of {', '.join(ONNX_TARGETS)}")
@@ -94,23 +96,30 @@ def export_inference(model):
 
 def export_model(model, image, fmt, output_dir, target="onnxruntime", input_format="BGR", calibration=None):
     """Trace ``model`` (eval mode) on ``image`` (CHW float, resized, the model's input format) and write
-    ``output_dir/model.ts``, ``model.onnx`` or ``model_int8.xml`` through a temporary file. Returns its path.
+    ``output_dir/`` + ``FILE_NAMES[fmt]`` through a temporary file. Returns its path.
 
     ``target`` is the runtime an ONNX file is for (:data:`ONNX_TARGETS`); ``openvino-int8`` is calibrated on
     ``calibration`` (images as ``image``, default ``[image]``, see :func:`quantize_to_openvino_int8`). Checked
     before anything is written.
     """
     check_exportable(model, fmt, target)
-    if fmt == "openvino-int8":
+    if fmt.startswith("openvino"):
         import tempfile
 
+        import openvino
+
+        from .openvino_ir import write_ir
         from .quantize import quantize_to_openvino_int8
 
+        path = os.path.join(output_dir, FILE_NAMES[fmt])
         with tempfile.TemporaryDirectory() as tmp:
             onnx_path, metadata = trace_to_file(model, image, "onnx", tmp, "openvino", input_format)
             os.makedirs(output_dir, exist_ok=True)
-            path = quantize_to_openvino_int8(onnx_path, calibration or [image], output_dir,
-                                             {**metadata, "format": fmt})
+            metadata = {**metadata, "format": fmt}
+            if fmt == "openvino":
+                write_ir(openvino.Core().read_model(onnx_path), path, metadata)
+            else:
+                quantize_to_openvino_int8(onnx_path, calibration or [image], path, metadata)
         logger.info("wrote %s", path)
         return path
     return trace_to_file(model, image, fmt, output_dir, target, input_format)[0]

@@ -7,13 +7,10 @@ else, GroupNorm, RoIAlign, box arithmetic and NMS included, stays in floating po
 calibration images are what the model sees at inference (read and resized by the predictor); without labels,
 nothing is trained. AP and speed against the float model: docs/DEPLOY.md.
 """
-import json
 import logging
-import os
 
-from .schema import METADATA_KEY
+from .openvino_ir import write_ir
 
-FILE_NAME = "model_int8.xml"  # OpenVINO IR: the graph; its weights go to model_int8.bin beside it
 # The operations whose inputs are quantized. NNCF would also quantize element-wise arithmetic, and in a detector
 # that includes the boxes: the poolers' level assignment and coordinates and the anchors' decoding lost pixels
 # (and masks, measured: docs/DEPLOY.md); every other operation stays in floating point.
@@ -41,10 +38,10 @@ def copy_constants_into_bodies(model):
                 target.replace_source_output(ops.constant(op.get_data()).output(0))
 
 
-def quantize_to_openvino_int8(onnx_path, images, output_dir, metadata):
+def quantize_to_openvino_int8(onnx_path, images, xml_path, metadata):
     """NNCF int8 quantization of the ONNX model ``onnx_path`` calibrated on ``images`` (a sequence of CHW float
-    tensors, read more than once), written as ``output_dir/model_int8.xml`` + ``.bin`` through temporary names,
-    with gn-det's ``metadata`` (JSON) in the IR. Returns the .xml path."""
+    tensors, read more than once), written as OpenVINO IR ``xml_path`` by :func:`~.openvino_ir.write_ir` with
+    gn-det's ``metadata``. Returns ``xml_path``."""
     import nncf
     import openvino
 
@@ -62,16 +59,4 @@ def quantize_to_openvino_int8(onnx_path, images, output_dir, metadata):
         nncf_logger.setLevel(level)
     logger.info("quantized %d operations to int8 on %d calibration images", sum(
         op.get_type_name() in QUANTIZED_TYPES for op in quantized.get_ops()), len(images))
-    quantized.set_rt_info(json.dumps({**metadata, "quantization": f"nncf int8, {len(images)} images"}),
-                          [METADATA_KEY])
-    stem = os.path.join(output_dir, os.path.splitext(FILE_NAME)[0])
-    tmp = stem + ".tmp"
-    try:
-        openvino.save_model(quantized, tmp + ".xml", compress_to_fp16=False)  # and tmp.bin beside it
-        os.replace(tmp + ".bin", stem + ".bin")
-        os.replace(tmp + ".xml", stem + ".xml")  # the graph last: a reader of it finds its weights already there
-    finally:
-        for leftover in (tmp + ".xml", tmp + ".bin"):
-            if os.path.exists(leftover):
-                os.remove(leftover)
-    return stem + ".xml"
+    return write_ir(quantized, xml_path, {**metadata, "quantization": f"nncf int8, {len(images)} images"})

@@ -52,7 +52,7 @@ class ExportedDetector:
                 raise InputError(f"{path}: not a model exported by gn-det (no {METADATA_FILE} inside)")
             self.metadata = _metadata(extras[METADATA_FILE], path)
             self.run = self._run_torchscript
-        elif str(path).endswith(".xml"):  # OpenVINO IR (tools/export_model.py --format openvino-int8)
+        elif str(path).endswith(".xml"):  # OpenVINO IR (tools/export_model.py --format openvino / openvino-int8)
             if backend != "openvino":
                 raise InputError(f"{path}: OpenVINO IR runs in --backend openvino, not {backend}")
             model = read_openvino_ir(path)
