@@ -2,15 +2,16 @@
 
 OpenVINO's CPU plugin runs a float model in bf16 by default on a CPU with AVX512-BF16 or AMX, and keeps f32 only
 in the graph's tail: the nodes after the last convolution or matrix product on the way to an output. The boxes a
-RoIAlign reads are not in that tail. Measured on gn-det's ONNX file, the gathers that pick each FPN level's RoIs
-ran in bf16, whose 8 significant bits round a coordinate to a grid of 1 px between 128 and 256 and of 8 px
-above 1024 (a COCO image's long side is 1333). That cost box AP (docs/DEPLOY.md, "Equal AP").
+RoIAlign reads are not in that tail: read from gn-det's ONNX file, the gathers that pick each FPN level's RoIs
+run in bf16, whose 8 significant bits round a coordinate to a grid of 1 px between 128 and 256 and of 8 px
+above 1024 (a COCO image's long side is 1333), which costs AP (docs/DEPLOY.md, "Equal AP").
 
 So every node that computes a RoIAlign's boxes, back to the convolutions and matrix products whose outputs they
 read, carries OpenVINO's precision-conversion attribute in the IR and runs in f32. The convolutions, matrix
 products, GroupNorm and RoIAlign itself keep the inference precision. The attribute is in the IR file, so any
 OpenVINO that reads the file honours it. ``DisablePrecisionConversion`` is what OpenVINO 2026 reads;
-``disable_fp16_compression`` is its predecessor, and each version skips the attribute it does not know.
+``disable_fp16_compression`` is its predecessor in earlier versions; OpenVINO's IR reader ignores an attribute it
+does not know.
 """
 import json
 import os
