@@ -15,17 +15,18 @@ def run_worker(main_func, *args):
 
     - Any InputError (a subclass, or one from a DataLoader worker) is raised as a plain InputError of its one line,
       so that the traceback text a spawned worker sends its parent ends with it.
-    - The process group is destroyed before the worker returns. A process that exits with a gloo group still alive
-      may abort in the interpreter's teardown (SIGABRT, "terminate called without an active exception"), and
-      ``launch`` then fails a run that had finished.
+    - After ``main_func`` returns, the process group is destroyed. A process that exits with a gloo group still
+      alive may abort in the interpreter's teardown (SIGABRT, "terminate called without an active exception"), and
+      ``launch`` then fails a run that had finished. A worker that raises is left as it is: torch has written its
+      traceback for the parent before the process exits, and a failure while leaving the group must not replace it.
     """
     try:
-        return main_func(*args)
+        result = main_func(*args)
     except InputError as err:
         raise InputError(one_line(err)) from None
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    return result
 
 
 def launch(main_func, args):
