@@ -99,7 +99,7 @@ def export_model(model, image, fmt, output_dir, target="onnxruntime", input_form
     ``output_dir/`` + ``FILE_NAMES[fmt]`` through a temporary file. Returns its path.
 
     ``target`` is the runtime an ONNX file is for (:data:`ONNX_TARGETS`); ``openvino-int8`` is calibrated on
-    ``calibration`` (images as ``image``, default ``[image]``, see :func:`quantize_to_openvino_int8`). Checked
+    ``calibration`` (images as ``image``, default ``[image]``, see :func:`~.quantize.quantize_to_int8`). Checked
     before anything is written.
     """
     check_exportable(model, fmt, target)
@@ -109,17 +109,19 @@ def export_model(model, image, fmt, output_dir, target="onnxruntime", input_form
         import openvino
 
         from .openvino_ir import write_ir
-        from .quantize import quantize_to_openvino_int8
+        from .quantize import quantize_to_int8
 
         path = os.path.join(output_dir, FILE_NAMES[fmt])
         with tempfile.TemporaryDirectory() as tmp:
             onnx_path, metadata = trace_to_file(model, image, "onnx", tmp, "openvino", input_format)
-            os.makedirs(output_dir, exist_ok=True)
             metadata = {**metadata, "format": fmt}
-            if fmt == "openvino":
-                write_ir(openvino.Core().read_model(onnx_path), path, metadata)
-            else:
-                quantize_to_openvino_int8(onnx_path, calibration or [image], path, metadata)
+            ir = openvino.Core().read_model(onnx_path)
+            if fmt == "openvino-int8":
+                images = calibration or [image]
+                ir = quantize_to_int8(ir, images)
+                metadata["quantization"] = f"nncf int8, {len(images)} images"
+            os.makedirs(output_dir, exist_ok=True)
+            write_ir(ir, path, metadata)
         logger.info("wrote %s", path)
         return path
     return trace_to_file(model, image, fmt, output_dir, target, input_format)[0]

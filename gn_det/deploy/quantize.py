@@ -1,4 +1,5 @@
-"""int8 for OpenVINO: NNCF's post-training quantization of the exported ONNX model, written as OpenVINO IR.
+"""int8 for OpenVINO: NNCF's post-training quantization of the exported ONNX model (written as OpenVINO IR by
+:func:`gn_det.deploy.openvino_ir.write_ir`).
 
 NNCF (OpenVINO's quantizer) runs the model on calibration images, sets per-tensor activation and per-channel
 weight ranges, and inserts FakeQuantize before the convolutions and fully connected layers
@@ -8,8 +9,6 @@ calibration images are what the model sees at inference (read and resized by the
 nothing is trained. AP and speed against the float model: docs/DEPLOY.md.
 """
 import logging
-
-from .openvino_ir import write_ir
 
 # The operations whose inputs are quantized. NNCF would also quantize element-wise arithmetic, and in a detector
 # that includes the boxes: the poolers' level assignment and coordinates and the anchors' decoding lost pixels
@@ -38,14 +37,12 @@ def copy_constants_into_bodies(model):
                 target.replace_source_output(ops.constant(op.get_data()).output(0))
 
 
-def quantize_to_openvino_int8(onnx_path, images, xml_path, metadata):
-    """NNCF int8 quantization of the ONNX model ``onnx_path`` calibrated on ``images`` (a sequence of CHW float
-    tensors, read more than once), written as OpenVINO IR ``xml_path`` by :func:`~.openvino_ir.write_ir` with
-    gn-det's ``metadata``. Returns ``xml_path``."""
+def quantize_to_int8(model, images):
+    """NNCF int8 quantization of ``model`` (an ``openvino.Model`` read from gn-det's OpenVINO ONNX file, changed in
+    place by :func:`copy_constants_into_bodies`) calibrated on ``images`` (a sequence of CHW float tensors, read
+    more than once). Returns the quantized ``openvino.Model``."""
     import nncf
-    import openvino
 
-    model = openvino.Core().read_model(onnx_path)
     copy_constants_into_bodies(model)
     dataset = nncf.Dataset(images, lambda image: image.float().contiguous().numpy())
     float_types = sorted({op.get_type_name() for op in model.get_ops()} - QUANTIZED_TYPES)
@@ -59,4 +56,4 @@ def quantize_to_openvino_int8(onnx_path, images, xml_path, metadata):
         nncf_logger.setLevel(level)
     logger.info("quantized %d operations to int8 on %d calibration images", sum(
         op.get_type_name() in QUANTIZED_TYPES for op in quantized.get_ops()), len(images))
-    return write_ir(quantized, xml_path, {**metadata, "quantization": f"nncf int8, {len(images)} images"})
+    return quantized
