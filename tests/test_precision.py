@@ -7,8 +7,6 @@ loss within 2% of fp32 (measured < 0.4%). docs/SPEED.md states the same toleranc
 """
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -20,7 +18,7 @@ from detectron2.engine import DefaultPredictor  # noqa: E402
 from detectron2.modeling import GeneralizedRCNN, build_model  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
-from conftest import CONFIG_DIR, GN_FPN, REPO, TINY_OPTS, tool_exit_message  # noqa: E402
+from conftest import CONFIG_DIR, GN_FPN, TINY_OPTS, tool_exit_message, tool_main  # noqa: E402
 from gn_det.config import get_gn_cfg  # noqa: E402
 from gn_det.analysis.random_inputs import random_detection_batch  # noqa: E402
 
@@ -196,7 +194,7 @@ def test_retinanet_honours_the_switches():
 
 
 @pytest.mark.slow
-def test_benchmark_tool_smoke(tmp_path):
+def test_benchmark_tool_smoke(tmp_path, capsys, monkeypatch):
     """The tool runs the stock bf16 + NHWC peer and gn-det's fast path, each in its own process, and prints the
     wall-clock and CPU-time tables with ratios to the baseline and to the peer."""
     output = tmp_path / "benchmark.json"
@@ -204,14 +202,13 @@ def test_benchmark_tool_smoke(tmp_path):
             "MODEL.RPN.POST_NMS_TOPK_TRAIN", "64", "MODEL.RPN.POST_NMS_TOPK_TEST", "64",
             "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32", "TEST.DETECTIONS_PER_IMAGE", "10"]
     variants = ["d2_gn_bf16_nhwc", "gn_fast"]  # the peer first: it is also the baseline
-    proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "tools", "benchmark.py"), "--size", "64", "--images", "1",
-         "--warmup", "0", "--repeats", "2", "--variants", *variants,
-         "--output", str(output), "--config", *tiny],
-        capture_output=True, text=True, cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("|")]
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    # the tool in this process; each variant still runs in a fresh subprocess of its own
+    tool_main("benchmark.py", "--size", "64", "--images", "1", "--warmup", "0", "--repeats", "2",
+              "--variants", *variants, "--output", output, "--config", *tiny)
+    stdout = capsys.readouterr().out
+    rows = [line for line in stdout.splitlines() if line.startswith("|")]
     wall, cpu = rows[:4], rows[4:]  # the wall-clock table, then the same runs in CPU time
     assert "train s/iter" in wall[0] and "train x peer" in wall[0] and "infer x peer" in wall[0]
     assert "peak MiB (train)" in wall[0] and "train cpu-s/iter" in cpu[0]

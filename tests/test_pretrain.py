@@ -3,8 +3,6 @@ backbones computing the same features, and tools/paper_protocol.py end to end at
 import json
 import os
 import pickle
-import subprocess
-import sys
 
 import pytest
 
@@ -17,7 +15,7 @@ from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.layers import FrozenBatchNorm2d  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
-from conftest import CONFIG_DIR, REPO  # noqa: E402
+from conftest import CONFIG_DIR, tool_main  # noqa: E402
 from gn_det.analysis.pretrain import (  # noqa: E402
     CROP_PADDING,
     CROP_SIZE,
@@ -96,22 +94,21 @@ def test_pretrained_classifier_loads_into_the_fine_tuning_model_and_computes_the
         torch.testing.assert_close(bottom_up(x)["res5"], trunk(x), rtol=1e-4, atol=1e-4)
 
 
-def test_paper_protocol_chain_at_tiny_size(tmp_path, tiny_root):
+def test_paper_protocol_chain_at_tiny_size(tmp_path, tiny_root, capsys):
     weights, out = tmp_path / "weights", tmp_path / "protocol"
     register = (f"['tiny_train={tiny_root}/train.json,{tiny_root}/train', "
                 f"'tiny_val={tiny_root}/val.json,{tiny_root}/val']")
-    proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "tools", "paper_protocol.py"), "--weights-dir", str(weights),
-         "--out", str(out), "--pretrain-data", str(tmp_path / "pretrain_shapes"), "--pretrain-images", "6", "2",
-         "--pretrain-iters", "2", "--pretrain-batch-size", "4",
-         "DATASETS.REGISTER", register, "DATASETS.TRAIN", "('tiny_train',)", "DATASETS.TEST", "('tiny_val',)",
-         *SMALL, "SOLVER.MAX_ITER", "2"],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    capsys.readouterr()
+    # the tool in this process; each fine-tuning run still trains in a train_net.py subprocess
+    tool_main("paper_protocol.py", "--weights-dir", weights, "--out", out, "--pretrain-data",
+              tmp_path / "pretrain_shapes", "--pretrain-images", "6", "2", "--pretrain-iters", "2",
+              "--pretrain-batch-size", "4", "DATASETS.REGISTER", register, "DATASETS.TRAIN", "('tiny_train',)",
+              "DATASETS.TEST", "('tiny_val',)", *SMALL, "SOLVER.MAX_ITER", "2")
+    stdout = capsys.readouterr().out
     for norm, name in (("GN", "shapes_resnet18_gn"), ("BN", "shapes_resnet18_bn")):
         assert (weights / f"{name}.pth").exists()
         assert 0.0 <= json.loads((weights / f"{name}.json").read_text())["val_accuracy"] <= 1.0
-        assert f"[{norm}] converted to {weights / name}.pkl: all " in proc.stdout
+        assert f"[{norm}] converted to {weights / name}.pkl: all " in stdout
         run_dir = out / FINETUNE_CONFIGS[norm][:-len(".yaml")]
         assert set(json.loads((run_dir / "results.json").read_text())["tiny_val"]) == {"bbox", "segm"}
         # FREEZE_AT 2: the stem is exactly the pretrained one after fine-tuning, which proves it was loaded
