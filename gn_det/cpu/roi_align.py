@@ -41,9 +41,11 @@ def roi_align_sampling_matrix(rois, spatial_scale, output_size, sampling_ratio, 
     ix, rest = local % gw, local // gw
     iy, rest = rest % gh, rest // gh
     pw, ph = rest % bins_w, rest // bins_w
-    # same operations in the same order as the kernel, so the points agree to the last float32 bit
-    y = start_h[roi] + ph * bin_h[roi] + (iy + 0.5) * bin_h[roi] / gh
-    x = start_w[roi] + pw * bin_w[roi] + (ix + 0.5) * bin_w[roi] / gw
+    # same operations in the same order as the kernel, so the points agree to the last float32 bit; the sample
+    # indices are cast before adding 0.5 because a saved TorchScript graph holds 0.5 as a double tensor, which
+    # would otherwise make long + 0.5 float64 wherever the graph runs unoptimized
+    y = start_h[roi] + ph * bin_h[roi] + (iy.to(bin_h.dtype) + 0.5) * bin_h[roi] / gh
+    x = start_w[roi] + pw * bin_w[roi] + (ix.to(bin_w.dtype) + 0.5) * bin_w[roi] / gw
     inside = ~((y < -1.0) | (y > height) | (x < -1.0) | (x > width))
     y, x = y.clamp(min=0.0), x.clamp(min=0.0)
     y_low, x_low = y.long(), x.long()
