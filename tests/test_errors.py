@@ -25,15 +25,6 @@ def run_tool(tool, *args, timeout=600):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def one_line_error(proc, prog):
-    """The error line of a failed tool run, after checking the contract: non-zero exit, no traceback."""
-    assert proc.returncode != 0, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    line = proc.stderr.strip().splitlines()[-1]
-    assert line.startswith(f"{prog}: error: "), proc.stderr[-3000:]
-    return line
-
-
 def file_hashes(folder):
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
@@ -131,10 +122,10 @@ def test_an_image_that_cannot_be_decoded_names_the_file_and_dataset(tmp_path, ti
     out.mkdir()
     (out / "model_0000009.pth").write_bytes(b"an earlier checkpoint")
     # one DataLoader worker: its error reaches the trainer wrapped in the worker's traceback text
-    proc = run_tool("train_net.py", "--config-file", GN_SHAPES, f"--dataset=broken={root}/train.json,{root}/train",
-                    *tiny_shapes, *SMALL, "DATALOADER.NUM_WORKERS", "1", "DATASETS.TRAIN", "('broken',)",
-                    "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(out))
-    line = one_line_error(proc, "train_net.py")
+    line = tool_exit_message("train_net.py", "--config-file", GN_SHAPES,
+                             f"--dataset=broken={root}/train.json,{root}/train", *tiny_shapes, *SMALL,
+                             "DATALOADER.NUM_WORKERS", "1", "DATASETS.TRAIN", "('broken',)", "SOLVER.MAX_ITER", "2",
+                             "OUTPUT_DIR", out)
     assert f"image {root}/train/" in line and "of dataset 'broken' cannot be decoded" in line, line
     assert (out / "model_0000009.pth").read_bytes() == b"an earlier checkpoint"
 

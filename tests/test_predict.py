@@ -1,8 +1,6 @@
 """tools/predict.py: a trained model on a folder of images -> one drawn PNG per image and COCO results."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -16,7 +14,7 @@ from pycocotools.coco import COCO  # noqa: E402
 from gn_det import InputError  # noqa: E402
 from gn_det.predict import expand_inputs, load_predictor, predict_images  # noqa: E402
 
-from conftest import REPO, tool_exit_message  # noqa: E402
+from conftest import tool_exit_message, tool_main  # noqa: E402
 
 # A LazyConfig model small enough for a test: detectron2's Mask R-CNN FPN config with R-18 stages.
 LAZY_CONFIG = """
@@ -35,17 +33,13 @@ train = dict(device="cpu")
 """
 
 
-def predict_tool(*args):
-    return subprocess.run([sys.executable, os.path.join(REPO, "tools", "predict.py"), *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-
-
-def test_predict_on_a_folder_writes_a_png_per_image_and_coco_results(tiny_shapes_runs, tmp_path):
+def test_predict_on_a_folder_writes_a_png_per_image_and_coco_results(tiny_shapes_runs, tmp_path, capsys):
     run, val = tiny_shapes_runs["gn"], os.path.join(tiny_shapes_runs["shapes"], "val")
     out, val_json = tmp_path / "predictions", os.path.join(tiny_shapes_runs["shapes"], "val.json")
-    proc = predict_tool("--config-file", os.path.join(run, "config.yaml"),
-                        "--weights", os.path.join(run, "model_final.pth"), val, "--out", str(out), "--coco-json", val_json, "--scale", "2")
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    capsys.readouterr()
+    tool_main("predict.py", "--config-file", os.path.join(run, "config.yaml"), "--weights",
+              os.path.join(run, "model_final.pth"), val, "--out", out, "--coco-json", val_json, "--scale", "2")
+    stderr = capsys.readouterr().err
     images = sorted(os.listdir(val))
     assert sorted(os.listdir(out)) == sorted([os.path.splitext(f)[0] + ".png" for f in images] + ["predictions.json"])
     for name in images:
@@ -59,7 +53,7 @@ def test_predict_on_a_folder_writes_a_png_per_image_and_coco_results(tiny_shapes
     names = {c["id"]: c["name"] for c in truth.dataset["categories"]}
     assert all(r["category_name"] == names[r["category_id"]] for r in results)
     assert {r["image_id"] for r in results} <= set(truth.getImgIds())
-    assert "predict: 100%" in proc.stderr  # tqdm's progress bar
+    assert "predict: 100%" in stderr  # tqdm's progress bar
 
 
 def test_python_config_predicts_like_a_yaml_one(tiny_shapes_runs, tmp_path):
