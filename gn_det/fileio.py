@@ -3,8 +3,8 @@ import contextlib
 import errno
 import json
 import os
+import secrets
 import shutil
-import tempfile
 
 from gn_det.errors import InputError
 
@@ -19,24 +19,44 @@ def no_space_error(path, needed_bytes=None):
 
 
 @contextlib.contextmanager
-def atomic_write(path, mode="w"):
-    """Open a temporary file beside ``path``; when the block ends without an error it is flushed to disk and
-    renamed to ``path`` (one atomic step), else removed. A full disk is an InputError naming ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+def atomic_paths(*paths):
+    """Temporary paths beside ``paths`` for writers that take a file name: same folder and extension, one
+    random part shared by all, so ``m.xml`` and ``m.bin`` get names that differ only in their extension (a
+    writer that puts a ``.bin`` beside its ``.xml`` finds its partner). When the block ends without an error
+    each is synced and renamed to its path in order (put the file that names the others last), else all are
+    removed. A full disk is an InputError naming the last path."""
+    token = secrets.token_hex(6)
+    temporaries = []
+    for path in paths:
+        folder, name = os.path.split(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        stem, extension = os.path.splitext(name)
+        temporaries.append(os.path.join(folder, f".{stem}.{token}.tmp{extension}"))
     try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        yield temporaries
+        for tmp, path in zip(temporaries, paths):
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
     except BaseException as err:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        for tmp in temporaries:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-            raise no_space_error(path) from None
+            raise no_space_error(paths[-1]) from None
         raise
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="w"):
+    """Open a temporary file beside ``path`` (:func:`atomic_paths`); when the block ends without an error it is
+    synced and renamed to ``path`` (one atomic step), else removed. A full disk is an InputError naming
+    ``path``."""
+    with atomic_paths(path) as (tmp,), open(tmp, mode) as f:
+        yield f
 
 
 def save_figure(fig, path, dpi=100):

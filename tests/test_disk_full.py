@@ -47,6 +47,47 @@ def test_an_interrupted_write_leaves_nothing_half_written(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def write_half_then_fill_the_disk(*paths):
+    """A writer that puts half a file at each of ``paths`` (a call's positional or keyword arguments may name
+    them) and then finds the disk full."""
+    for path in paths:
+        with open(path, "wb") as f:
+            f.write(b"half a file")
+    disk_full()
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx", "openvino"])
+def test_an_export_that_fills_the_disk_is_one_line_and_keeps_the_previous_files(tmp_path, monkeypatch, fmt):
+    """Each exporter writes through temporary names renamed last: the files of an earlier export stay whole."""
+    from test_export import FP32, images, tiny_model
+
+    from gn_det.deploy import export_model
+    from gn_det.deploy.export import FILE_NAMES
+
+    if fmt == "torchscript":
+        monkeypatch.setattr(torch.jit, "save", lambda module, path, **kw: write_half_then_fill_the_disk(path))
+        previous = ["model.ts"]
+    elif fmt == "onnx":
+        onnx = pytest.importorskip("onnx")
+        monkeypatch.setattr(onnx, "save", lambda model, path, *a, **kw: write_half_then_fill_the_disk(path))
+        previous = ["model.onnx"]
+    else:
+        openvino = pytest.importorskip("openvino")
+        monkeypatch.setattr(openvino, "save_model", lambda model, xml, **kw: write_half_then_fill_the_disk(
+            xml, os.path.splitext(xml)[0] + ".bin"))
+        previous = ["model.xml", "model.bin"]
+    for name in previous:
+        (tmp_path / name).write_bytes(b"the previous export of " + name.encode())
+    model, _ = tiny_model(opts=FP32)
+    path = tmp_path / FILE_NAMES[fmt]
+    with pytest.raises(InputError, match=rf"^{path}: no space left on the device \(\S+ MiB free\)") as error:
+        export_model(model, images(1)[0], fmt, str(tmp_path))
+    assert "\n" not in str(error.value)
+    assert sorted(os.listdir(tmp_path)) == sorted(previous)  # no temporary file left, no dump beside it
+    for name in previous:
+        assert (tmp_path / name).read_bytes() == b"the previous export of " + name.encode()
+
+
 @pytest.mark.slow
 def test_a_full_disk_while_checkpointing_ends_in_one_line_and_resume_continues(tmp_path, tiny_dataset_specs,
                                                                                 monkeypatch):
@@ -78,7 +119,7 @@ def test_a_full_disk_while_checkpointing_ends_in_one_line_and_resume_continues(t
     assert f"last_checkpoint still names {out}/model_0000000.pth" in message
     assert (out / "last_checkpoint").read_text() == "model_0000000.pth"
     assert not (out / "model_0000001.pth").exists()
-    assert not [name for name in os.listdir(out) if name.endswith(".tmp")]
+    assert not [name for name in os.listdir(out) if name.startswith(".")]  # no temporary file left behind
 
     monkeypatch.setattr(torch, "save", real_save)  # space again
     train_or_evaluate(args("--resume"))

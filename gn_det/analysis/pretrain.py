@@ -29,7 +29,7 @@ from gn_det.checkpoint.convert import (
 )
 from gn_det.data import SHAPES_CLASSES, ensure_shapes, shapes_root
 from gn_det.errors import InputError
-from gn_det.fileio import write_json_atomically
+from gn_det.fileio import atomic_write, write_json_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -210,9 +210,8 @@ def pretrain_and_save(norm, data_root, path, **train_kwargs):
                "val_crops": len(val[1]), "val_accuracy": result.val_accuracy, "final_train_loss": result.train_loss,
                "seconds": result.seconds, **train_kwargs}
     write_json_atomically(summary_path(path), summary)
-    tmp = path + ".tmp"
-    torch.save(result.model.state_dict(), tmp)
-    os.replace(tmp, path)  # last and atomic: the protocol takes an existing state dict as finished
+    with atomic_write(path, "wb") as f:  # last: the protocol takes an existing state dict as finished
+        torch.save(result.model.state_dict(), f)
     return result
 
 

@@ -68,9 +68,11 @@ def generate_coco_scale(root, num_images=COCO_TRAIN_IMAGES, num_annotations=COCO
 
     Annotations are spread evenly over the images (each gets ``num_annotations // num_images`` or one more),
     each a random box with an ``POLYGON_POINTS``-point polygon inside it. The JSON is streamed to a temporary
-    file and renamed into place last, so an interrupted generation is redone.
+    file and renamed into place last (:func:`gn_det.fileio.atomic_write`), so an interrupted generation is redone.
     """
     from PIL import Image
+
+    from gn_det.fileio import atomic_write  # here: the stock side's processes import this module without gn-det
 
     root = os.path.abspath(root)
     json_file, image_dir = os.path.join(root, "instances.json"), os.path.join(root, "images")
@@ -103,8 +105,7 @@ def generate_coco_scale(root, num_images=COCO_TRAIN_IMAGES, num_annotations=COCO
     px = np.round(centre[:, :1] + half[:, :1] * radii * np.cos(angles), 1)
     py = np.round(centre[:, 1:] + half[:, 1:] * radii * np.sin(angles), 1)
 
-    tmp = json_file + f".partial-{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_write(json_file) as f:
         f.write('{"info": {"description": "generated COCO-scale start-up benchmark set"}, "licenses": [], ')
         f.write('"images": ')
         f.write(json.dumps([{"id": i + 1, "file_name": name, "width": image_size, "height": image_size}
@@ -128,7 +129,6 @@ def generate_coco_scale(root, num_images=COCO_TRAIN_IMAGES, num_annotations=COCO
         f.write(json.dumps([{"id": c, "name": f"class_{c}", "supercategory": "thing"}
                             for c in range(1, num_categories + 1)]))
         f.write("}")
-    os.replace(tmp, json_file)
     return json_file, image_dir
 
 

@@ -28,6 +28,7 @@ from detectron2.modeling import GeneralizedRCNN
 from gn_det.config import get_gn_cfg, load_lazy_config
 from gn_det.data import register_datasets
 from gn_det.errors import InputError
+from gn_det.fileio import atomic_paths
 
 from .schema import METADATA_FILE, METADATA_KEY, eager_autocast_in_torchscript, schema_to_json
 
@@ -120,7 +121,6 @@ def export_model(model, image, fmt, output_dir, target="onnxruntime", input_form
                 images = calibration or [image]
                 ir = quantize_to_int8(ir, images)
                 metadata["quantization"] = f"nncf int8, {len(images)} images"
-            os.makedirs(output_dir, exist_ok=True)
             write_ir(ir, path, metadata)
         logger.info("wrote %s", path)
         return path
@@ -131,27 +131,21 @@ def trace_to_file(model, image, fmt, output_dir, target, input_format):
     """:func:`export_model` for TorchScript and ONNX: ``(path, metadata stored in the file)``."""
     model = model.eval()
     adapter = TracingAdapter(model, [{"image": image}], export_inference(model)).eval()  # the ONNX exporter restores its mode
-    os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, FILE_NAMES[fmt])
-    tmp = path + ".tmp"
     metadata = {"format": fmt, "input_format": input_format, "autocast": getattr(model, "precision", "fp32"),
                 "meta_architecture": type(model).__name__, "image_shape": list(image.shape)}
-    try:
+    with atomic_paths(path) as (tmp,):
         if fmt == "torchscript":
             with eager_autocast_in_torchscript(), torch.no_grad():
                 traced = torch.jit.trace(adapter, (image,), check_trace=False)
             metadata["outputs_schema"] = schema_to_json(adapter.outputs_schema)
             torch.jit.save(traced, tmp, _extra_files={METADATA_FILE: json.dumps(metadata)})
-            os.replace(tmp, path)
-            dump_torchscript_IR(traced, output_dir)  # detectron2's readable dumps of the graph, beside the file
         else:
             metadata["opset"] = ONNX_TARGETS[target]
             metadata["onnx_runtime"] = target
             write_onnx(adapter, image, tmp, target, metadata)
-            os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    if fmt == "torchscript":
+        dump_torchscript_IR(traced, output_dir)  # detectron2's readable dumps of the graph, beside the file
     logger.info("wrote %s (outputs: %s)", path, adapter.outputs_schema)
     return path, metadata
 

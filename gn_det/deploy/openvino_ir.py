@@ -17,6 +17,8 @@ import json
 import os
 import xml.etree.ElementTree as ElementTree
 
+from gn_det.fileio import atomic_paths
+
 from .schema import METADATA_KEY
 
 # where the walk back from a RoIAlign's boxes stops: the work that the inference precision is for, and the inputs
@@ -58,20 +60,12 @@ def keep_f32_in_ir(xml_path, names):
 
 def write_ir(model, xml_path, metadata):
     """Write ``model`` as OpenVINO IR ``xml_path`` + its ``.bin``, with gn-det's ``metadata`` (JSON) and the RoI
-    coordinates kept in f32, each file through a temporary name: the weights first, the graph last, so a reader
-    of the graph finds its weights already there. Returns ``xml_path``."""
+    coordinates kept in f32, each file through a temporary name (:func:`gn_det.fileio.atomic_paths`): the weights
+    first, the graph last, so a reader of the graph finds its weights already there. Returns ``xml_path``."""
     import openvino
 
     model.set_rt_info(json.dumps(metadata), [METADATA_KEY])
-    stem = xml_path[:-len(".xml")]
-    tmp = stem + ".tmp"
-    try:
-        openvino.save_model(model, tmp + ".xml", compress_to_fp16=False)  # and tmp.bin beside it
-        keep_f32_in_ir(tmp + ".xml", roi_coordinate_nodes(model))
-        os.replace(tmp + ".bin", stem + ".bin")
-        os.replace(tmp + ".xml", xml_path)
-    finally:
-        for leftover in (tmp + ".xml", tmp + ".bin"):
-            if os.path.exists(leftover):
-                os.remove(leftover)
+    with atomic_paths(os.path.splitext(xml_path)[0] + ".bin", xml_path) as (_, tmp_xml):
+        openvino.save_model(model, tmp_xml, compress_to_fp16=False)  # and the .bin beside it
+        keep_f32_in_ir(tmp_xml, roi_coordinate_nodes(model))
     return xml_path
