@@ -440,7 +440,7 @@ def test_benchmark_rejects_counts_out_of_range(option, value, minimum):
 
 
 def test_group_norm_on_roi_sized_channels_last_maps_runs_on_an_nchw_copy():
-    """PyTorch's channels_last GroupNorm kernel is slow on small maps with few channels per group (RoI
+    """PyTorch's channels_last GroupNorm kernel is slow on small bf16 maps with few channels per group (RoI
     features: 7x7 or 14x14, 8 channels per group); gn-det's GroupNorm computes those on an NCHW copy. Values
     and gradients are exactly those of the NCHW kernel and the output stays channels_last; other inputs run
     as they are."""
@@ -454,7 +454,7 @@ def test_group_norm_on_roi_sized_channels_last_maps_runs_on_an_nchw_copy():
         norm.weight.uniform_(0.5, 1.5)
         norm.bias.uniform_(-0.1, 0.1)
     weight, bias = norm.weight.detach().clone().requires_grad_(), norm.bias.detach().clone().requires_grad_()
-    roi_features = (torch.randn(6, 256, 7, 7) * 2 + 1).contiguous(memory_format=torch.channels_last)
+    roi_features = (torch.randn(6, 256, 7, 7) * 2 + 1).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
     ours_in = roi_features.clone().requires_grad_()
     expected_in = roi_features.contiguous().requires_grad_()
     assert runs_faster_in_nchw(ours_in, 32)
@@ -470,7 +470,8 @@ def test_group_norm_on_roi_sized_channels_last_maps_runs_on_an_nchw_copy():
 
     assert not runs_faster_in_nchw(roi_features.contiguous(), 32)  # already NCHW
     assert not runs_faster_in_nchw(roi_features, 8)  # 32 channels per group fill a vector register
-    backbone_map = torch.randn(1, 256, 32, 32).contiguous(memory_format=torch.channels_last)
+    assert not runs_faster_in_nchw(roi_features.float(), 32)  # float32: the channels_last kernel is faster
+    backbone_map = torch.randn(1, 256, 32, 32, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
     assert not runs_faster_in_nchw(backbone_map, 32)  # 1024 pixels: the kernel parallelises over pixels
 
 
@@ -659,7 +660,8 @@ def test_cpu_pieces_compute_as_detectron2_off_the_cpu(monkeypatch):
     heads.box_head.run_in_chunks(lambda x: runs.append(len(x)), torch.empty(5000, 256, 7, 7, device="meta"))
     assert heads.box_head.inference_chunk_bytes > 0 and runs == [5000]  # all RoIs at once, as detectron2
 
-    roi_map = torch.empty(8, 256, 7, 7, device="meta").contiguous(memory_format=torch.channels_last)
+    roi_map = torch.empty(8, 256, 7, 7, device="meta", dtype=torch.bfloat16).contiguous(
+        memory_format=torch.channels_last)
     assert not runs_faster_in_nchw(roi_map, 32) and runs_faster_in_nchw(torch.empty_like(roi_map, device="cpu"), 32)
 
     relu = heads.box_head.conv1.activation

@@ -5,7 +5,9 @@
     python3 tools/benchmark.py --protocol export --size 512 --warmup 1 --repeats 3   # eager vs exported models
 
 Each variant runs in its own subprocess; see gn_det/analysis/benchmark.py for what is measured and how. To time
-another commit, run the same command in a worktree of it.
+another commit, run the same command in a worktree of it as ``PYTHONPATH=. python3 tools/benchmark.py ...``: the
+variants run the gn_det this process imported (the JSON's ``gn_det`` names its folder), and without PYTHONPATH
+that is the installed one.
 """
 import sys
 

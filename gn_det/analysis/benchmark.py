@@ -4,7 +4,7 @@ The variants (``VARIANTS``): stock detectron2 GN in fp32, and as a user would sp
 (``d2_gn_bf16_nhwc``: channels_last weights under bf16 autocast; on CUDA also ``d2_gn_amp``, detectron2's own
 ``AMPTrainer``); gn-det in fp32, with only ``MODEL.PRECISION bf16`` + ``MODEL.CHANNELS_LAST`` (``gn_switches``)
 and with the CPU fast path as well (``gn_fast``); BN* in fp32. To time another commit, run the same command in a
-worktree of it.
+worktree of it with ``PYTHONPATH=.`` (the variants run the gn_det the parent imported).
 
 Every variant runs in a fresh subprocess, so its peak memory (RSS high-water mark on CPU,
 ``torch.cuda.max_memory_allocated`` on CUDA) is its own, on the same deterministic inputs: ``--images``

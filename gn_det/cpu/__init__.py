@@ -27,8 +27,9 @@ piece                          replaces in detectron2, and why faster      may c
                                stay in cache
 ``CPUInplaceReLU`` (relu.py)   the heads' ``nn.ReLU()``: in place, no      nothing (tested equal)
                                fresh activation tensor per layer
-``NCHWCopyGroupNorm``          GroupNorm on RoI-sized channels_last maps:  nothing (tested equal)
-(group_norm.py)                PyTorch's NCHW kernel on a copy is faster
+``NCHWCopyGroupNorm``          GroupNorm on RoI-sized bf16 channels_last   nothing (tested equal)
+(group_norm.py)                maps: PyTorch's NCHW kernel on a copy is
+                               faster
 ``fused_sgd`` (sgd.py)         detectron2's foreach SGD: one pass per      float rounding of the update
                                parameter, no new gradient tensor for the
                                weight decay

@@ -1,4 +1,4 @@
-"""GroupNorm that computes RoI-sized channels_last CPU maps on an NCHW copy."""
+"""GroupNorm that computes RoI-sized bfloat16 channels_last CPU maps on an NCHW copy."""
 import torch
 
 from ..layers.layout import is_channels_last
@@ -14,18 +14,19 @@ FULL_VECTOR_CHANNELS = 32
 def runs_faster_in_nchw(x, num_groups):
     """Whether GroupNorm on ``x`` is faster through an NCHW copy and back than on ``x`` as it is.
 
-    True for channels_last CPU maps smaller than ``CHANNELS_LAST_SMALL_MAP`` pixels with fewer than
-    ``FULL_VECTOR_CHANNELS`` channels per group: the RoI features of the box (7x7) and mask (14x14) heads,
-    256 channels in 32 groups of 8 (measurements: docs/SPEED.md).
+    True for bfloat16 channels_last CPU maps smaller than ``CHANNELS_LAST_SMALL_MAP`` pixels with fewer than
+    ``FULL_VECTOR_CHANNELS`` channels per group: the RoI features of the box (7x7) and mask (14x14) heads
+    under bf16 autocast, 256 channels in 32 groups of 8. In float32 the channels_last kernel is the faster one
+    on the same maps (measurements: docs/SPEED.md).
     """
     return (
-        is_channels_last(x) and x.device.type == "cpu" and x.shape[2] * x.shape[3] < CHANNELS_LAST_SMALL_MAP
-        and x.shape[1] // num_groups < FULL_VECTOR_CHANNELS
+        x.dtype == torch.bfloat16 and is_channels_last(x) and x.device.type == "cpu"
+        and x.shape[2] * x.shape[3] < CHANNELS_LAST_SMALL_MAP and x.shape[1] // num_groups < FULL_VECTOR_CHANNELS
     )
 
 
 class NCHWCopyGroupNorm(GroupNorm):
-    """gn-det's GroupNorm that runs small channels_last CPU maps (:func:`runs_faster_in_nchw`) on an NCHW copy
+    """gn-det's GroupNorm that runs small bf16 channels_last CPU maps (:func:`runs_faster_in_nchw`) on an NCHW copy
     and returns the result channels_last. Values and gradients are exactly the NCHW kernel's; every other input
     (off the CPU included) runs as it is, as ``nn.GroupNorm``."""
 
