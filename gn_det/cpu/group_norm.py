@@ -26,9 +26,9 @@ def runs_faster_in_nchw(x, num_groups):
 
 
 class NCHWCopyGroupNorm(GroupNorm):
-    """gn-det's GroupNorm that runs small bf16 channels_last CPU maps (:func:`runs_faster_in_nchw`) on an NCHW copy
-    and returns the result channels_last. Values and gradients are exactly the NCHW kernel's; every other input
-    (off the CPU included) runs as it is, as ``nn.GroupNorm``."""
+    """gn-det's GroupNorm that runs small bf16 channels_last CPU maps (:func:`runs_faster_in_nchw`) on an NCHW
+    copy and returns the result channels_last. Values and gradients are exactly the NCHW kernel's; every other
+    input (off the CPU included) runs as it is, as ``nn.GroupNorm``."""
 
     def forward(self, x):
         if runs_faster_in_nchw(x, self.num_groups):
