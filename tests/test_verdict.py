@@ -181,11 +181,16 @@ def test_a_launched_worker_leaves_its_process_group_when_it_returns(tmp_path):
 
 def check_in_each_process(json_file, image_dir, records):
     """Run by each process of a 2-process launch: the check once per folder of ``records`` (the verdict is
-    cached on disk, so a later round reads it as a later start would), noting which processes ran the full check."""
+    cached on disk, so a later round reads it as a later start would), noting which processes ran the full check
+    and, beside ``records``, which ran their exit handlers."""
+    import atexit
+
     from detectron2.utils import comm
 
     full_check = register.check_coco_dataset_verdict
     rank = comm.get_rank()
+    exit_mark = os.path.join(os.path.dirname(records[0]), f"exit_handlers_ran_{rank}")
+    atexit.register(lambda: open(exit_mark, "w").close())
     for record in records:
         def counted(*args, record=record):
             open(os.path.join(record, f"checked_by_{rank}"), "w").close()
@@ -212,6 +217,8 @@ def test_process_0_checks_for_a_distributed_run(tiny_coco, tmp_path):
            args=(json_file, image_dir, [str(record) for record in records]))
     assert sorted(os.listdir(tmp_path / "first")) == ["checked_by_0", "classes_0.json", "classes_1.json"]
     assert sorted(os.listdir(tmp_path / "again")) == ["classes_0.json", "classes_1.json"]  # the cached verdict
+    # run_worker ends a finished worker without the interpreter's teardown, after its exit handlers
+    assert (tmp_path / "exit_handlers_ran_0").exists() and (tmp_path / "exit_handlers_ran_1").exists()
     for rank in (0, 1):
         assert json.loads((tmp_path / "first" / f"classes_{rank}.json").read_text()) == ["class_1", "class_2",
                                                                                           "class_3"]
