@@ -35,6 +35,8 @@ import time
 
 import numpy as np
 
+from gn_det.fileio import atomic_write, write_json_atomically
+
 COCO_TRAIN_IMAGES = 118287
 COCO_TRAIN_ANNOTATIONS = 860001
 COCO_CATEGORIES = 80
@@ -68,11 +70,10 @@ def generate_coco_scale(root, num_images=COCO_TRAIN_IMAGES, num_annotations=COCO
 
     Annotations are spread evenly over the images (each gets ``num_annotations // num_images`` or one more),
     each a random box with an ``POLYGON_POINTS``-point polygon inside it. The JSON is streamed to a temporary
-    file and renamed into place last (:func:`gn_det.fileio.atomic_write`), so an interrupted generation is redone.
+    file and renamed into place last (:func:`~gn_det.fileio.atomic_write`), so an interrupted generation is
+    redone.
     """
     from PIL import Image
-
-    from gn_det.fileio import atomic_write  # here: the stock side's processes import this module without gn-det
 
     root = os.path.abspath(root)
     json_file, image_dir = os.path.join(root, "instances.json"), os.path.join(root, "images")
@@ -337,8 +338,6 @@ def main(argv):
     print(markdown_table(report))
     print(markdown_table(report, clock="cpu_seconds"))
     if args.output:
-        from gn_det.fileio import write_json_atomically
-
         write_json_atomically(args.output, report)
     if not args.keep_runs:
         shutil.rmtree(os.path.join(args.root, "runs"), ignore_errors=True)
