@@ -45,9 +45,19 @@ def atomic_paths(*paths):
         for tmp in temporaries:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        if out_of_space(err):
             raise no_space_error(paths[-1]) from None
         raise
+
+
+def out_of_space(err):
+    """Whether ``err`` is a full disk, or was raised while handling one: torch's zip writer reports a failed
+    write of the Python file it writes to as a RuntimeError of its own, the OSError as its context."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 @contextlib.contextmanager
