@@ -7,6 +7,7 @@ Python configs through detectron2's ``LazyConfig``.
 """
 import glob
 import os
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -68,7 +69,7 @@ def check_model_files(config_file, weights):
     checkpointer)."""
     if not os.path.isfile(config_file):
         raise InputError(f"--config-file: {config_file} is not a file")
-    if "://" not in weights and not os.path.isfile(weights):
+    if "://" not in weights and not os.path.isfile(urlparse(weights)._replace(query="").geturl()):
         raise InputError(f"--weights: {weights} is not a file")
 
 

@@ -15,7 +15,7 @@ from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
 from conftest import CONFIG_DIR, TINY_OPTS, tool_exit_message  # noqa: E402
-from gn_det.checkpoint.reader import GNCheckpointer, read_weights  # noqa: E402
+from gn_det.checkpoint.reader import GNCheckpointer, read_checkpoint, read_weights  # noqa: E402
 from gn_det.config import get_gn_cfg  # noqa: E402
 from gn_det.errors import InputError  # noqa: E402
 
@@ -141,3 +141,56 @@ def test_unreadable_weights_are_one_line(tmp_path, content):
         with pytest.raises(InputError, match=rf"^weights file {path} ") as err:
             read_weights(str(path))
         assert "\n" not in str(err.value)
+
+
+class RunsSystem:
+    """Unpickling this calls ``os.system``, which torch's weights_only reader names as a blocked module."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_refused_file_is_named_by_the_global_it_would_load(tmp_path):
+    path = tmp_path / "weights.pth"
+    torch.save({"model": {"conv.weight": RunsSystem(tmp_path / "marker")}}, path)
+    with pytest.raises(InputError, match=rf"is refused: it would load {os.system.__module__}\.system, which"):
+        read_weights(str(path))
+    assert not (tmp_path / "marker").exists()
+
+
+@pytest.mark.parametrize("suffix, content, problem", [
+    (".pth", {"model": "resnet50", "state_dict": {}}, "its 'model' entry is a str, not a state dict"),
+    (".pth", {"model": {1: torch.zeros(1)}}, "its 'model' entry has the key 1, not a parameter name"),
+    (".pth", {"conv.weight": torch.zeros(1), "epoch": 3}, ": epoch is not a tensor or a numeric array (int)"),
+    (".pkl", {"model": {"w": np.array(["a", None], dtype=object)}, "__author__": "x"},
+     "its 'model' entry: w is not a tensor or a numeric array (numpy object)"),
+    (".pkl", {"blobs": [np.zeros(1)]}, "its 'blobs' entry is a list, not a state dict"),
+    (".pyth", {"model_state": [torch.zeros(1)]}, "its 'model_state' entry is a list, not a state dict"),
+])
+def test_a_readable_file_that_is_not_a_state_dict_is_one_line(tmp_path, suffix, content, problem):
+    """What detectron2's checkpointer would load into the model is checked when the file is read."""
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".pkl":
+        path.write_bytes(pickle.dumps(content))
+    else:
+        torch.save(content, path)
+    for load in (read_checkpoint, GNCheckpointer(torch.nn.Conv2d(3, 8, 3)).load):
+        with pytest.raises(InputError) as err:
+            load(str(path))
+        assert str(err.value).startswith(f"weights file {path}") and problem in str(err.value), str(err.value)
+
+
+def test_detectron2s_matching_heuristics_suffix_is_read(tmp_path):
+    from gn_det.predict import check_model_files
+
+    model = torch.nn.Conv2d(3, 8, 3)
+    path = str(tmp_path / "weights.pth")
+    torch.save({"model": {"weight": torch.ones_like(model.weight), "bias": torch.ones(8)}}, path)
+    with_query = path + "?matching_heuristics=True"
+    assert torch.equal(read_checkpoint(with_query)["model"]["bias"], torch.ones(8))
+    GNCheckpointer(model).load(with_query)
+    assert torch.equal(model.bias.detach(), torch.ones(8))
+    check_model_files(GN_SHAPES, with_query)

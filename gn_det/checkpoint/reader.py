@@ -23,9 +23,11 @@ operators the runtime implements.
 import io
 import logging
 import pickle
+import re
 import zipfile
 from urllib.parse import urlparse
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
@@ -74,7 +76,7 @@ def _one_line(err):
 def read_weights(path, what="weights file"):
     """The object stored in the weights file ``path`` (a path or a URL detectron2's PathManager resolves),
     read without running any of its code; an InputError naming ``what`` and the file otherwise."""
-    local = PathManager.get_local_path(path)
+    local = local_weights_path(path)
     data = _read_bytes(path, what)
     try:
         if local.endswith(".pkl"):
@@ -94,7 +96,8 @@ def read_weights(path, what="weights file"):
         # torch's weights_only unpickler names the refused global in a long message
         message = _one_line(err)
         if "weights_only" in message or "Unsupported global" in message:
-            refused = message.split("Unsupported global: GLOBAL ")[-1].split(" ")[0] if "GLOBAL " in message else ""
+            refused = re.search(r"GLOBAL (\S+)", message)
+            refused = refused.group(1).rstrip(":,.") if refused else ""
             raise InputError(
                 f"{what} {path} is refused: it would load {refused or 'an object'}, which is not weights "
                 "(torch.load with weights_only=True)"
@@ -108,7 +111,7 @@ def read_weights(path, what="weights file"):
 
 def _read_bytes(path, what):
     """The bytes of file ``path`` (:func:`gn_det.fileio.read_input_file`), which must not be empty."""
-    data = read_input_file(PathManager.get_local_path(path), what)
+    data = read_input_file(local_weights_path(path), what)
     if not data:
         raise InputError(f"{what} {path} is empty")
     return data
@@ -162,11 +165,40 @@ def read_openvino_ir(path, what="OpenVINO IR file"):
 
 
 def read_checkpoint(path, what="weights file"):
-    """:func:`read_weights` for a file that must hold a dict (a checkpoint or a state dict)."""
+    """:func:`read_weights` for a file detectron2's checkpointer loads: a dict whose parameters
+    (:func:`model_state`) are a state dict, names to tensors or numeric numpy arrays."""
     checkpoint = read_weights(path, what)
     if not isinstance(checkpoint, dict):
         raise InputError(f"{what} {path} holds a {type(checkpoint).__name__}, not a checkpoint")
+    entry, state = model_state(local_weights_path(path), checkpoint)
+    where = f"{what} {path}" + (f": its {entry!r} entry" if entry else "")
+    if not isinstance(state, dict):
+        raise InputError(f"{where} is a {type(state).__name__}, not a state dict (parameter names to tensors)")
+    for name, value in state.items():
+        if not isinstance(name, str):
+            raise InputError(f"{where} has the key {name!r}, not a parameter name")
+        numeric_array = isinstance(value, np.ndarray) and value.dtype.kind in "biuf"
+        if not (isinstance(value, torch.Tensor) or numeric_array):
+            kind = f"numpy {value.dtype}" if isinstance(value, np.ndarray) else type(value).__name__
+            raise InputError(f"{where}: {name} is not a tensor or a numeric array ({kind})")
     return checkpoint
+
+
+def model_state(local_path, checkpoint):
+    """``(entry, parameters)``: the entry of a checkpoint read from ``local_path`` that detectron2's
+    ``DetectionCheckpointer._load_file`` loads into the model ("" for the whole dict), by file type as it
+    dispatches: ``.pkl`` ``"model"`` (detectron2's own) or ``"blobs"`` (Detectron's), ``.pyth``
+    ``"model_state"`` (pycls), torch files ``"model"`` when present."""
+    if local_path.endswith(".pkl"):
+        entry = "model" if "model" in checkpoint and "__author__" in checkpoint else ""
+        entry = entry or ("blobs" if "blobs" in checkpoint else "")
+    elif local_path.endswith(".pyth"):
+        if "model_state" not in checkpoint:
+            raise InputError(f"weights file {local_path} is a .pyth file without 'model_state' (pycls's format)")
+        entry = "model_state"
+    else:
+        entry = "model" if "model" in checkpoint else ""
+    return entry, checkpoint[entry] if entry else checkpoint
 
 
 def _tensors(state):
@@ -263,9 +295,7 @@ class GNCheckpointer(DetectionCheckpointer):
             return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
         if filename.endswith(".pyth"):
             # follows DetectionCheckpointer._load_file's ".pyth" branch (pycls), which calls torch.load itself
-            data = self._read(filename)
-            if "model_state" not in data:
-                raise InputError(f"weights file {filename} is a .pyth file without 'model_state' (pycls's format)")
+            data = self._read(filename)  # has "model_state" (read_checkpoint)
             state = {k: v for k, v in data["model_state"].items() if not k.endswith("num_batches_tracked")}
             return {"model": state, "__author__": "pycls", "matching_heuristics": True}
         return super()._load_file(filename)  # torch files: read through _torch_load
