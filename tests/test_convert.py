@@ -88,7 +88,7 @@ def assert_same_stages(source, bottom_up, size=64):
 def load_model(cfg, weights):
     model = build_model(cfg)
     DetectionCheckpointer(model).load(weights)
-    check_weights_for_model(model, weights, cfg)
+    check_weights_for_model(model, weights)
     return model
 
 
@@ -168,7 +168,7 @@ def test_resnet18_basic_blocks_into_bnstar_backbone(tmp_path):
     cfg = gn_cfg(BNSTAR_TORCHVISION, "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64")
     backbone = build_backbone(cfg)
     DetectionCheckpointer(backbone).load(str(tmp_path / "r18.pkl"))
-    match = check_weights_for_model(backbone, str(tmp_path / "r18.pkl"), cfg)
+    match = check_weights_for_model(backbone, str(tmp_path / "r18.pkl"))
     assert len(match.matched) == 100
     assert_same_stages(source, backbone.bottom_up, size=96)
 
@@ -232,8 +232,8 @@ def test_config_depth_mismatch_names_the_first_key(timm_gn_r50):
     _, _, weights = timm_gn_r50
     cfg = gn_cfg(GN_TIMM, "MODEL.RESNETS.DEPTH", "101")
     one_line_error(r"^bottom_up\.res4\.6\.conv1\.weight: not filled by any tensor; .* holds ResNet-50 GN weights "
-                   r"\(timm\); the model has MODEL\.RESNETS\.DEPTH=101", check_weights_for_model,
-                   build_backbone(cfg), weights, cfg)
+                   r"\(timm\); the model has ResNet-101 with GroupNorm$", check_weights_for_model,
+                   build_backbone(cfg), weights)
 
 
 @pytest.mark.zoo
@@ -250,21 +250,22 @@ def test_forced_norm_against_the_source_fails(timm_gn_r50, torchvision_bn_r50):
 def test_gn_weights_into_bnstar_model_and_back_fail(timm_gn_r50, torchvision_bn_r50):
     cfg = gn_cfg(BNSTAR_TORCHVISION)
     one_line_error(r"^bottom_up\.stem\.conv1\.norm\.running_mean: not filled by any tensor; .* holds ResNet-50 GN "
-                   r"weights \(timm\); the model has .*NORM='FrozenBN'", check_weights_for_model,
-                   build_backbone(cfg), timm_gn_r50[2], cfg)
+                   r"weights \(timm\); the model has ResNet-50 with FrozenBatchNorm2d$", check_weights_for_model,
+                   build_backbone(cfg), timm_gn_r50[2])
     cfg = gn_cfg(GN_TIMM)
     one_line_error(r"^stem\.conv1\.norm\.running_mean: matches no parameter of the model; .* holds ResNet-50 "
-                   r"FrozenBN weights \(torchvision\); the model has .*NORM='GN'", check_weights_for_model,
-                   build_backbone(cfg), torchvision_bn_r50[2], cfg)
+                   r"FrozenBN weights \(torchvision\); the model has ResNet-50 with GroupNorm$",
+                   check_weights_for_model, build_backbone(cfg), torchvision_bn_r50[2])
 
 
 @pytest.mark.zoo
 def test_config_that_feeds_other_input_fails(timm_gn_r50):
     cfg = gn_cfg(GN_TIMM, "MODEL.RESNETS.STRIDE_IN_1X1", "True")
-    one_line_error(r"^MODEL\.RESNETS\.STRIDE_IN_1X1=True, but .* expect False$", check_weights_for_model,
-                   build_backbone(cfg), timm_gn_r50[2], cfg)
+    one_line_error(r"^MODEL\.RESNETS\.STRIDE_IN_1X1 / stride_in_1x1 is True, but .* expect False$",
+                   check_weights_for_model, build_model(cfg), timm_gn_r50[2])
     cfg = gn_cfg(os.path.join(COCO, "mask_rcnn_R_50_FPN_2x_gn.yaml"))  # written for Detectron's BGR weights
-    one_line_error(r"^INPUT\.FORMAT='BGR', but", check_weights_for_model, build_backbone(cfg), timm_gn_r50[2], cfg)
+    one_line_error(r"^INPUT\.FORMAT / model\.input_format is 'BGR', but", check_weights_for_model, build_model(cfg),
+                   timm_gn_r50[2])
 
 
 @pytest.mark.slow
@@ -331,3 +332,13 @@ def test_cli_bad_input_exits_with_one_line(tmp_path):
         "convert_weights.py: error: features.0.weight: not a parameter of a timm/torchvision ResNet (conv1, bn1, "
         "layer1-4.N.conv1-3/bn1-3/downsample.0-1, fc)")
     assert not (tmp_path / "vgg.pkl").exists()
+
+
+@pytest.mark.zoo
+def test_cli_checks_the_config_before_writing(timm_gn_r50, tmp_path):
+    _, source_path, _ = timm_gn_r50
+    out = tmp_path / "timm_resnet50_gn.pkl"
+    line = tool_exit_message("convert_weights.py", source_path, str(out), "--config-file",
+                             os.path.join(COCO, "mask_rcnn_R_50_FPN_2x_gn.yaml"))  # a BGR config
+    assert "INPUT.FORMAT / model.input_format is 'BGR'" in line and str(out) in line, line
+    assert not out.exists()

@@ -224,3 +224,27 @@ def test_predict_with_weights_of_another_norm_is_one_line(tmp_path):
                                 tmp_path / "a.png", "--out", tmp_path / "out")
     assert f"weights file {tmp_path}/gn.pth does not fit the model:" in message, message
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def converted_gn_r18(tmp_path_factory):
+    """torchvision's ResNet-18 with GroupNorm(32), converted by gn-det (weights that expect RGB input)."""
+    import torchvision
+
+    from gn_det.checkpoint import convert_weights
+
+    root = tmp_path_factory.mktemp("converted")
+    source = torchvision.models.resnet18(norm_layer=lambda channels: torch.nn.GroupNorm(32, channels))
+    torch.save(source.state_dict(), root / "r18_gn.pth")
+    convert_weights(str(root / "r18_gn.pth"), str(root / "r18_gn.pkl"))
+    return str(root / "r18_gn.pkl")
+
+
+@pytest.mark.parametrize("system", SYSTEMS)
+def test_converted_weights_for_other_input_are_one_line(system, dataset, tmp_path, converted_gn_r18):
+    """The shapes configs read BGR: converted timm/torchvision weights, which expect RGB, are refused before
+    training, in the same words for both systems (read off the built model)."""
+    refused(args_for(system, dataset, tmp_path / "out", weights=converted_gn_r18),
+            rf"^INPUT\.FORMAT / model\.input_format is 'BGR', but {converted_gn_r18} holds ResNet-18 GN weights "
+            r"\(timm\) that expect 'RGB'$")
+    assert not (tmp_path / "out").exists()

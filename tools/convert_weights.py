@@ -14,7 +14,7 @@ import argparse
 
 from detectron2.modeling import build_model
 
-from gn_det.checkpoint import check_weights_for_model, convert_weights
+from gn_det.checkpoint import convert_weights
 from gn_det.config import get_gn_cfg
 from gn_det.errors import InputError, exit_on_input_error
 from gn_det.fileio import check_output_location
@@ -40,9 +40,11 @@ def main(argv=None):
     if not args.output.endswith(".pkl"):
         raise InputError(f"OUTPUT {args.output} must end in .pkl (detectron2's format for converted weights)")
     check_output_location(args.output, "OUTPUT", folder=False)
-    # the config is read before anything is written, so a bad one leaves no converted file behind
+    # the config is read and its model checked against the result before anything is written
     cfg = get_gn_cfg(args.config_file, ["MODEL.DEVICE", "cpu"]) if args.config_file else None
-    converted = convert_weights(args.input, args.output, source=args.source, norm=args.norm, depth=args.depth)
+    model = build_model(cfg) if cfg is not None else None
+    converted = convert_weights(args.input, args.output, source=args.source, norm=args.norm, depth=args.depth,
+                                model=model)
     meta = converted.metadata
     match = converted.reference_match
     matched, total = len(match.matched), len(match.matched) + len(match.missing)
@@ -54,9 +56,8 @@ def main(argv=None):
     print(f"wrote {args.output}; the model should use INPUT.FORMAT {meta['input_format']}, "
           f"MODEL.PIXEL_MEAN {meta['pixel_mean']}, MODEL.PIXEL_STD {meta['pixel_std']}, "
           f"MODEL.RESNETS.STRIDE_IN_1X1 {meta['stride_in_1x1']}")
-    if cfg is not None:
-        match = check_weights_for_model(build_model(cfg), args.output, cfg)
-        print(f"{args.config_file}: all {len(match.matched)} ResNet weights of the model matched")
+    if model is not None:
+        print(f"{args.config_file}: all {len(converted.model_match.matched)} ResNet weights of the model matched")
 
 
 if __name__ == "__main__":

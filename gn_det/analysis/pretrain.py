@@ -24,7 +24,6 @@ from torch.nn import functional as F
 from gn_det.checkpoint.convert import (
     IMAGENET_RGB_PIXEL_MEAN,
     IMAGENET_RGB_PIXEL_STD,
-    check_weights_for_model,
     convert_weights,
 )
 from gn_det.data import SHAPES_CLASSES, ensure_shapes, shapes_root
@@ -228,7 +227,6 @@ def convert_and_check(state_dict_path, checkpoint_path, config_file, opts=()):
 
     from gn_det.config import get_gn_cfg
 
-    converted = convert_weights(state_dict_path, checkpoint_path, source="torchvision")
     cfg = get_gn_cfg(config_file, ["MODEL.DEVICE", "cpu", *opts, "MODEL.WEIGHTS", checkpoint_path])
-    match = check_weights_for_model(build_model(cfg), checkpoint_path, cfg)
-    return converted, match
+    converted = convert_weights(state_dict_path, checkpoint_path, source="torchvision", model=build_model(cfg))
+    return converted, converted.model_match

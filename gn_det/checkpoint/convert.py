@@ -23,6 +23,7 @@ import torch
 
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 from detectron2.layers import ShapeSpec
+from detectron2.modeling.backbone.resnet import BottleneckBlock
 
 from gn_det.checkpoint.reader import read_checkpoint, read_weights
 from gn_det.config import get_gn_cfg
@@ -77,6 +78,7 @@ class ConvertedResNet:
     unused_keys: List[str]  # source keys without a detectron2 counterpart (the classifier)
     dropped_keys: List[str]  # BN counters (num_batches_tracked)
     reference_match: "WeightsMatch"  # against gn-det's ResNet of the same depth and norm: complete
+    model_match: "WeightsMatch" = None  # against the model convert_weights was given, if any
 
     def checkpoint(self):
         """The object saved to the ``.pkl``: detectron2's format, matched by suffix on load."""
@@ -311,9 +313,15 @@ def load_converted(path):
     return read_checkpoint(path)
 
 
-def convert_weights(input_path, output_path, source="auto", norm="auto", depth=None):
-    """Load a timm/torchvision ResNet file, convert it (checked against gn-det's ResNet), save the ``.pkl``."""
+def convert_weights(input_path, output_path, source="auto", norm="auto", depth=None, model=None):
+    """Load a timm/torchvision ResNet file, convert it (checked against gn-det's ResNet), save the ``.pkl``.
+
+    ``model``: also check that this model loads every ResNet weight of the result and reads its input as the
+    weights expect (:func:`check_weights_for_model`), before anything is written; the match is then
+    ``converted.model_match``."""
     converted = convert_resnet_state_dict(load_source_state_dict(input_path), source=source, norm=norm, depth=depth)
+    if model is not None:
+        converted.model_match = check_weights_for_model(model, converted.checkpoint(), name=output_path)
     save_converted(converted, output_path)
     meta = converted.metadata
     logger.info(
@@ -323,20 +331,19 @@ def convert_weights(input_path, output_path, source="auto", norm="auto", depth=N
     return converted
 
 
-def check_weights_for_model(model, checkpoint, cfg=None, name="weights"):
+def check_weights_for_model(model, checkpoint, name="weights"):
     """Check that ``checkpoint`` fills every ResNet parameter of ``model`` and nothing else, and, when it was
-    written by gn-det's converter and ``cfg`` is given, that the config feeds the model what the weights
-    expect (input format, pixel mean/std, stride placement).
+    written by gn-det's converter, that the model reads its input as the weights expect (input format, pixel
+    mean/std, stride placement), read off the built model: the same check for a YAML and a Python config.
 
     Args:
-        model: a detectron2 model or backbone.
+        model: a detectron2 model (or a backbone: then only the parameters are checked).
         checkpoint: a path to a ``.pkl`` written by :func:`convert_weights`, or a dict in detectron2's naming
             (``{"model": {name: tensor}}`` or ``{name: tensor}``; Caffe2 blob names are not converted here).
-        cfg: the model's config, for the settings recorded in the checkpoint's "gn_det" entry.
         name: what to call the checkpoint in messages (its path when a path is given).
 
     Returns:
-        WeightsMatch. Raises WeightsMismatchError naming the first mismatched key.
+        WeightsMatch. Raises WeightsMismatchError naming the first mismatched key or setting.
     """
     if isinstance(checkpoint, str):
         checkpoint, name = load_converted(checkpoint), checkpoint
@@ -345,9 +352,7 @@ def check_weights_for_model(model, checkpoint, cfg=None, name="weights"):
     model_state_dict = model.state_dict()
     match = match_weights(model_state_dict, weights)
     holds = f"{name} holds ResNet-{meta['depth']} {meta['norm']} weights ({meta['source']})" if meta else name
-    context = holds
-    if cfg is not None:
-        context += f"; the model has MODEL.RESNETS.DEPTH={cfg.MODEL.RESNETS.DEPTH}, NORM={cfg.MODEL.RESNETS.NORM!r}"
+    context = f"{holds}; the model has {describe_resnet(model)}"
     if match.missing:
         key = match.missing[0]
         if key in match.wrong_shape:
@@ -359,14 +364,35 @@ def check_weights_for_model(model, checkpoint, cfg=None, name="weights"):
         raise WeightsMismatchError(f"{key}: not filled by any tensor; {context}")
     if match.unused:
         raise WeightsMismatchError(f"{match.unused[0]}: matches no parameter of the model; {context}")
-    if meta and cfg is not None:
-        expected = [
-            ("INPUT.FORMAT", cfg.INPUT.FORMAT, meta["input_format"]),
-            ("MODEL.PIXEL_MEAN", list(cfg.MODEL.PIXEL_MEAN), meta["pixel_mean"]),
-            ("MODEL.PIXEL_STD", list(cfg.MODEL.PIXEL_STD), meta["pixel_std"]),
-            ("MODEL.RESNETS.STRIDE_IN_1X1", cfg.MODEL.RESNETS.STRIDE_IN_1X1, meta["stride_in_1x1"]),
-        ]
-        for key, value, wanted in expected:
+    if meta:
+        for setting, value, wanted in input_settings(model, meta):
             if value != wanted and not (isinstance(wanted, list) and np.allclose(value, wanted)):
-                raise WeightsMismatchError(f"{key}={value!r}, but {holds} that expect {wanted!r}")
+                raise WeightsMismatchError(f"{setting} is {value!r}, but {holds} that expect {wanted!r}")
     return match
+
+
+def describe_resnet(model):
+    """``ResNet-<depth> with <stem norm class>`` of a model's ResNet (its stem and res2-res5 parameters)."""
+    names = [re.sub(r"^.*?\b(?=(stem|res[2-5])\.)", "", key)
+             for key in model.state_dict() if RESNET_MODEL_KEY.search(key)]
+    depth = next((d for d, structure in RESNET_DEPTHS.items() if structure == resnet_structure(names)), None)
+    stem_norm = next((type(m).__name__ for n, m in model.named_modules() if n.endswith("stem.conv1.norm")), "no norm")
+    return f"{'ResNet-' + str(depth) if depth else 'a ResNet of another depth'} with {stem_norm}"
+
+
+def input_settings(model, meta):
+    """``(setting, the model's value, the converted weights' value)`` for what the model reads its input with:
+    each named by its YAML key and its Python-config attribute."""
+    settings = []
+    if hasattr(model, "input_format"):
+        settings.append(("INPUT.FORMAT / model.input_format", model.input_format, meta["input_format"]))
+    for key in ("pixel_mean", "pixel_std"):
+        if hasattr(model, key):
+            settings.append((f"MODEL.{key.upper()} / model.{key}", getattr(model, key).flatten().tolist(), meta[key]))
+    # where the stride of a bottleneck block is (basic blocks have a single strided conv either way)
+    strided = next((m for m in model.modules() if isinstance(m, BottleneckBlock)
+                    and (m.conv1.stride != (1, 1) or m.conv2.stride != (1, 1))), None)
+    if strided is not None:
+        settings.append(("MODEL.RESNETS.STRIDE_IN_1X1 / stride_in_1x1", strided.conv1.stride != (1, 1),
+                         meta["stride_in_1x1"]))
+    return settings

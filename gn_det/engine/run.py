@@ -193,7 +193,7 @@ def plan_run(args, check_model=None):
         elif checkpoint.get("__author__") == CONVERTER_AUTHOR:
             # Converted ImageNet weights must fit: a GN file into a BN* model (or the reverse), another depth, or
             # other input settings (RGB, mean/std, stride) would load silently and train a worse model.
-            check_weights_for_model(model, checkpoint, None if lazy else cfg, name=path)
+            check_weights_for_model(model, checkpoint, name=path)
     return RunPlan(cfg, settings, model, preloaded, state, args.eval_only, args.resume, lazy)
 
 
