@@ -12,6 +12,7 @@ from detectron2.modeling import build_model  # noqa: E402
 from conftest import CONFIG_DIR, GN_FPN, TINY_OPTS  # noqa: E402
 from gn_det.config import NORM_SITE_KEYS, get_gn_cfg, select  # noqa: E402
 from gn_det.layers import WSConv2d, standardize_weight  # noqa: E402
+from gn_det.layers.ws import normed_convs  # noqa: E402
 
 GN_CONFIGS = sorted(
     p for p in glob.glob(os.path.join(CONFIG_DIR, "**", "*.yaml"), recursive=True)
@@ -30,8 +31,23 @@ def test_standardized_weight_has_zero_mean_unit_variance_per_output_channel():
 @pytest.mark.parametrize("path", GN_CONFIGS, ids=lambda p: os.path.relpath(p, CONFIG_DIR))
 def test_ws_model_builds_from_every_gn_config(path):
     model = build_model(get_gn_cfg(path, ["MODEL.DEVICE", "cpu", "MODEL.GN.WS", "True"]))
-    ws = [m for m in model.modules() if isinstance(m, WSConv2d)]
-    assert ws and all(m.norm is not None for m in ws)
+    assert any(isinstance(m, WSConv2d) for m in model.modules())
+    assert not list(normed_convs(model))  # no conv that a norm follows is left a plain conv
+
+
+def test_ws_reaches_the_retinanet_head_whose_norms_follow_plain_convs():
+    """detectron2's RetinaNetHead puts each GroupNorm after an nn.Conv2d in a Sequential."""
+    opts = TINY_OPTS + ["MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.GN.WS", "True"]
+    model = build_model(get_gn_cfg(os.path.join(CONFIG_DIR, "COCO-Detection", "retinanet_R_50_FPN_3x_gn.yaml"), opts))
+    for subnet in (model.head.cls_subnet, model.head.bbox_subnet):
+        convs = [m for m in subnet if isinstance(m, torch.nn.Conv2d)]
+        assert len(convs) == 4 and all(isinstance(m, WSConv2d) and m.norm is None for m in convs)
+        assert all(isinstance(subnet[i + 1], torch.nn.GroupNorm) for i, m in enumerate(subnet) if m in convs)
+    conv = model.head.cls_subnet[0]
+    x = torch.rand(1, conv.in_channels, 8, 8)
+    torch.testing.assert_close(conv(x), torch.nn.functional.conv2d(x, standardize_weight(conv.weight), conv.bias,
+                                                                    padding=1))
+    assert not isinstance(model.head.cls_score, WSConv2d)  # no norm follows the predictors
 
 
 def test_ws_keeps_parameter_names_and_changes_outputs():

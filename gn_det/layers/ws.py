@@ -1,7 +1,12 @@
 """Weight Standardization (Qiao et al., 2019), the conv half of GN+WS."""
+from torch import nn
 from torch.nn import functional as F
 
-from detectron2.layers import Conv2d
+from detectron2.layers import Conv2d, CycleBatchNormList, FrozenBatchNorm2d
+
+# Layers that normalize a conv's output when they follow it in an nn.Sequential (detectron2's RetinaNetHead
+# builds its subnets so; "BN"/"SyncBN" there is one BN per FPN level, a CycleBatchNormList).
+NORM_LAYERS = (nn.GroupNorm, nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d, CycleBatchNormList)
 
 
 def standardize_weight(weight, eps=1e-5):
@@ -40,7 +45,7 @@ def ws_conv_from(conv):
     ws = WSConv2d(
         conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
         dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode,
-        norm=conv.norm, activation=conv.activation, device="meta",
+        norm=getattr(conv, "norm", None), activation=getattr(conv, "activation", None), device="meta",
     )
     ws.weight = conv.weight
     ws.bias = conv.bias
@@ -48,9 +53,22 @@ def ws_conv_from(conv):
     return ws
 
 
+def normed_convs(module):
+    """``(parent, name, conv)`` of every conv of ``module`` whose output a norm takes: a detectron2 ``Conv2d``
+    that carries a norm, or a conv followed by a norm layer (:data:`NORM_LAYERS`) in an ``nn.Sequential``."""
+    for parent in list(module.modules()):
+        children = list(parent.named_children())
+        for i, (name, child) in enumerate(children):
+            if type(child) is Conv2d and child.norm is not None:
+                yield parent, name, child
+            elif (type(child) in (Conv2d, nn.Conv2d) and isinstance(parent, nn.Sequential) and i + 1 < len(children)
+                    and isinstance(children[i + 1][1], NORM_LAYERS)):
+                yield parent, name, child
+
+
 def use_ws_convs(module):
     """Give ``module`` (being built: call it from its builder, before it is part of any model) a ``WSConv2d``
-    for every detectron2 ``Conv2d`` that carries a norm.
+    for every conv whose output a norm takes (:func:`normed_convs`).
 
     detectron2's builders take no conv class, so the convs they create are replaced here; each replacement holds
     the same parameters under the same name, so state dicts are unchanged. detectron2's FPN also keeps its convs
@@ -58,12 +76,10 @@ def use_ws_convs(module):
     Returns the number of convs replaced.
     """
     replaced = {}
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is Conv2d and child.norm is not None:
-                if child not in replaced:
-                    replaced[child] = ws_conv_from(child)
-                setattr(parent, name, replaced[child])
+    for parent, name, child in list(normed_convs(module)):
+        if child not in replaced:
+            replaced[child] = ws_conv_from(child)
+        setattr(parent, name, replaced[child])
     for parent in module.modules():
         for name, value in vars(parent).items():
             if isinstance(value, list) and any(isinstance(v, Conv2d) and v in replaced for v in value):
