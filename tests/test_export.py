@@ -425,3 +425,58 @@ def test_export_tool_refuses_bad_input_in_one_line_before_writing(tiny_run, tmp_
     broken.write_text("x = (\n")
     line = tool_exit_message("export_model.py", "--config-file", broken, "--output", out)
     assert str(broken) in line and not out.exists()
+
+
+@pytest.mark.slow
+def test_run_eval_checks_the_test_set_before_writing(tiny_run, tmp_path):
+    """--run-eval's test set is checked as a run checks its datasets before the export replaces an earlier
+    file: an empty DATASETS.TEST, an unregistered one, one whose files are gone."""
+    from gn_det.data import register_datasets
+
+    data = tmp_path / "gone"
+    data.mkdir()
+    (data / "val.json").write_text(open(tiny_run["val_json"]).read())
+    register_datasets(f"export_gone_val={data}/val.json,{tiny_run['val']}")
+    os.remove(data / "val.json")
+    out = tmp_path / "x"
+    out.mkdir()
+    (out / "model.onnx").write_bytes(b"an earlier export")
+    sample = os.path.join(tiny_run["val"], sorted(os.listdir(tiny_run["val"]))[0])
+    opts = SMALL + FP32 + ["MODEL.WEIGHTS", tiny_run["weights"], "DATASETS.REGISTER", str(tiny_run["register"])]
+    for test_sets, problem in [("()", "DATASETS.TEST is empty"),
+                               ("('nope_val',)", "DATASETS.TEST names dataset 'nope_val', which is not registered"),
+                               ("('export_gone_val',)", f"json_file {data}/val.json does not exist")]:
+        line = tool_exit_message("export_model.py", "--config-file", SHAPES_GN, "--format", "onnx", "--output", out,
+                                 "--sample-image", sample, "--run-eval", *opts, "DATASETS.TEST", test_sets)
+        assert problem in line, line
+        assert os.listdir(out) == ["model.onnx"] and (out / "model.onnx").read_bytes() == b"an earlier export"
+
+
+@pytest.mark.slow
+def test_run_eval_names_an_undecodable_test_image_in_one_line(tiny_run, tmp_path):
+    """--run-eval reads the test set as train_net --eval-only does: a truncated image is one line naming it."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_run["val"], data / "val")
+    shutil.copy(tiny_run["val_json"], data / "val.json")
+    # the last image: the first is the one traced
+    broken = data / "val" / json.loads((data / "val.json").read_text())["images"][-1]["file_name"]
+    broken.write_bytes(broken.read_bytes()[:200])
+    opts = SMALL + FP32 + ["MODEL.WEIGHTS", tiny_run["weights"], "DATASETS.REGISTER",
+                           f"['export_truncated_val={data}/val.json,{data}/val']",
+                           "DATASETS.TEST", "('export_truncated_val',)"]
+    line = tool_exit_message("export_model.py", "--config-file", SHAPES_GN, "--output", tmp_path / "x",
+                             "--run-eval", *opts)
+    assert f"image {broken} of dataset 'export_truncated_val' cannot be decoded" in line, line
+
+
+@pytest.mark.slow
+def test_run_eval_reports_mask_ap_of_a_model_that_detects_nothing(tiny_run, tmp_path):
+    """--run-eval evaluates the tasks the config's model has, as train_net does, not those its detections show."""
+    from gn_det.deploy import export_from_config
+
+    opts = SMALL + FP32 + ["MODEL.WEIGHTS", tiny_run["weights"], "DATASETS.REGISTER", str(tiny_run["register"]),
+                           "DATASETS.TEST", "('tiny_val',)", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "1.0"]
+    _, metrics = export_from_config(SHAPES_GN, "torchscript", str(tmp_path / "x"), opts, run_eval=True)
+    assert set(metrics) == {"bbox", "segm"}

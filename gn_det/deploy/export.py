@@ -284,9 +284,9 @@ def sample_image(predictor, config_file, opts=(), image_path=None):
     from gn_det.predict import check_image
 
     if image_path is None:
-        from .evaluate import test_loader_and_dataset
+        from .evaluate import test_dataset
 
-        _, name = test_loader_and_dataset(config_file, opts)
+        _, name = test_dataset(config_file, opts)
         records = DatasetCatalog.get(name)
         if not records:
             raise InputError(f"dataset {name!r} has no image to trace with; give --sample-image")
@@ -344,7 +344,9 @@ def export_from_config(config_file, fmt, output_dir, opts=(), target="onnxruntim
     """config + weights (``MODEL.WEIGHTS`` / ``train.init_checkpoint``, read through GNCheckpointer) -> exported
     file in ``output_dir``; with ``run_eval``, its COCO AP on the config's test set, run from the file.
     ``openvino-int8`` calibrates on the first ``calibration_images`` images of the training set.
-    Returns ``(path, metrics or None)``. Every input is checked before anything is written."""
+    Returns ``(path, metrics or None)``. Every input is checked before anything is written (the evaluation's
+    test set included; an image of it that cannot be decoded is found, as one line naming it, when the evaluation
+    reads it)."""
     from gn_det.fileio import write_json_atomically
     from gn_det.predict import load_predictor
 
@@ -355,6 +357,11 @@ def export_from_config(config_file, fmt, output_dir, opts=(), target="onnxruntim
     weights = config_weights(config_file, opts)
     predictor = load_predictor(config_file, weights, opts, device="cpu")
     check_exportable(predictor.model, fmt, target)
+    if run_eval:
+        from .evaluate import test_dataset
+
+        # the evaluation's test set too: a run that cannot evaluate must not replace an earlier export
+        test_dataset(config_file, opts, evaluating=True)
     image = sample_image(predictor, config_file, opts, sample_image_path)
     calibration = None
     if fmt == "openvino-int8":
