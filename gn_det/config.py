@@ -11,8 +11,15 @@ from omegaconf import OmegaConf
 
 from detectron2.config import CfgNode as CN
 from detectron2.config import LazyConfig, get_cfg
-from detectron2.modeling import META_ARCH_REGISTRY
-from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY
+from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, RetinaNet
+from detectron2.modeling.proposal_generator.rpn import RPN_HEAD_REGISTRY
+from detectron2.modeling.roi_heads import (
+    ROI_BOX_HEAD_REGISTRY,
+    ROI_HEADS_REGISTRY,
+    ROI_MASK_HEAD_REGISTRY,
+    Res5ROIHeads,
+    StandardROIHeads,
+)
 from detectron2.utils.file_io import PathManager
 
 from gn_det.errors import InputError
@@ -188,6 +195,49 @@ def check_gn_config(cfg, source="config"):
         if isinstance(value, str) and value not in NORM_NAMES:
             raise InputError(
                 f"{source}: {key}={value!r} is not a norm; choose one of {', '.join(map(repr, NORM_NAMES))}"
+            )
+    check_norm_site_builders(cfg, source)
+
+
+def _registered_subclass(registry, name, parent):
+    return isinstance(dict(registry).get(name), type) and issubclass(dict(registry)[name], parent)
+
+
+# (norm-site key, the key that names what builds the site, its registry, whether the model builds the site)
+NORM_SITE_BUILDERS = (
+    ("MODEL.RESNETS.NORM", "MODEL.BACKBONE.NAME", BACKBONE_REGISTRY, lambda cfg: True),
+    ("MODEL.RESNETS.NORM", "MODEL.ROI_HEADS.NAME", ROI_HEADS_REGISTRY,  # C4: res5 runs on each RoI
+     lambda cfg: _registered_subclass(ROI_HEADS_REGISTRY, cfg.MODEL.ROI_HEADS.NAME, Res5ROIHeads)),
+    ("MODEL.FPN.NORM", "MODEL.BACKBONE.NAME", BACKBONE_REGISTRY, lambda cfg: True),
+    ("MODEL.RPN.NORM", "MODEL.RPN.HEAD_NAME", RPN_HEAD_REGISTRY,
+     lambda cfg: cfg.MODEL.PROPOSAL_GENERATOR.NAME == "RPN"),
+    ("MODEL.ROI_BOX_HEAD.NORM", "MODEL.ROI_BOX_HEAD.NAME", ROI_BOX_HEAD_REGISTRY,
+     lambda cfg: _registered_subclass(ROI_HEADS_REGISTRY, cfg.MODEL.ROI_HEADS.NAME, StandardROIHeads)),
+    ("MODEL.ROI_MASK_HEAD.NORM", "MODEL.ROI_MASK_HEAD.NAME", ROI_MASK_HEAD_REGISTRY, lambda cfg: cfg.MODEL.MASK_ON),
+    ("MODEL.RETINANET.NORM", "MODEL.META_ARCHITECTURE", META_ARCH_REGISTRY,
+     lambda cfg: _registered_subclass(META_ARCH_REGISTRY, cfg.MODEL.META_ARCHITECTURE, RetinaNet)),
+)
+
+
+def check_norm_site_builders(cfg, source="config"):
+    """Raise a one-line InputError when a norm setting would be silently ignored by what builds its site.
+
+    "GN" follows ``MODEL.GN`` only where gn-det builds the site (a registered object with the class or function
+    attribute ``follows_model_gn``); detectron2's own builders make their fixed 32-group GroupNorm, which is the
+    same only while ``MODEL.GN`` is detectron2's GN. ``MODEL.RPN.NORM`` is gn-det's key: only gn-det's RPN head
+    reads it.
+    """
+    gn = cfg.MODEL.GN
+    own_gn = gn.DIM_PER_GROUP > 0 or gn.NUM_GROUPS != 32 or gn.EPS != 1e-5 or gn.WS
+    for site, builder_key, registry, built in NORM_SITE_BUILDERS:
+        value = select(cfg, site)
+        ignored = (value == "GN" and own_gn) or (site == "MODEL.RPN.NORM" and value not in ("", "none"))
+        builder = select(cfg, builder_key)
+        if ignored and built(cfg) and not getattr(dict(registry).get(builder), "follows_model_gn", False):
+            what = "MODEL.GN" if value == "GN" and own_gn else site
+            raise InputError(
+                f"{source}: {site}={value!r} is built by {builder_key}={builder!r}, which ignores {what}; name one "
+                f"of {registered_with(registry, 'follows_model_gn')} (or a subclass)"
             )
 
 

@@ -129,6 +129,23 @@ def test_fast_switches_on_a_stock_meta_architecture_fail_at_config_load():
         get_gn_cfg(None, ["MODEL.META_ARCHITECTURE", "GeneralizedRCNN", "MODEL.PRECISION", "bf16"])
 
 
+@pytest.mark.parametrize("opts, message", [
+    # detectron2's own mask head builds its fixed 32-group GroupNorm whatever MODEL.GN says
+    (["MODEL.GN.NUM_GROUPS", "16", "MODEL.ROI_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead"],
+     r"MODEL\.ROI_MASK_HEAD\.NORM='GN' is built by MODEL\.ROI_MASK_HEAD\.NAME='MaskRCNNConvUpsampleHead', which "
+     r"ignores MODEL\.GN; name one of \['GNMaskHead'\]"),
+    (["MODEL.GN.WS", "True", "MODEL.BACKBONE.NAME", "build_resnet_fpn_backbone"],
+     r"MODEL\.RESNETS\.NORM='GN' is built by MODEL\.BACKBONE\.NAME='build_resnet_fpn_backbone', which ignores "
+     r"MODEL\.GN"),
+    (["MODEL.RPN.NORM", "GN", "MODEL.RPN.HEAD_NAME", "StandardRPNHead"],
+     r"MODEL\.RPN\.NORM='GN' is built by MODEL\.RPN\.HEAD_NAME='StandardRPNHead', which ignores MODEL\.RPN\.NORM"),
+])
+def test_a_norm_setting_that_the_sites_builder_would_ignore_fails_at_config_load(opts, message):
+    with pytest.raises(InputError, match=message):
+        get_gn_cfg(GN_FPN, opts)
+    get_gn_cfg(GN_FPN, opts[2:])  # detectron2's builder with detectron2's GN, or without an RPN norm: as stock
+
+
 # --- Python (LazyConfig) configs
 
 # configs/common holds pieces the configs import, not configs

@@ -15,19 +15,27 @@ def _gn_built(build, cfg, input_shape):
     return finish_norm_sites(build(with_gn_specs(cfg), input_shape), cfg.MODEL.GN.WS, "backbone")
 
 
+def _follows_model_gn(build):
+    build.follows_model_gn = True  # read by gn_det.config's check of the norm sites, through the registry
+    return build
+
+
 @BACKBONE_REGISTRY.register()
+@_follows_model_gn
 def build_gn_resnet_backbone(cfg, input_shape):
     """ResNet (C4 models use it with ``Res5ROIHeads``); norm from ``MODEL.RESNETS.NORM``."""
     return _gn_built(build_resnet_backbone, cfg, input_shape)
 
 
 @BACKBONE_REGISTRY.register()
+@_follows_model_gn
 def build_gn_resnet_fpn_backbone(cfg, input_shape):
     """ResNet + FPN with P6 by max-pool (Mask R-CNN); FPN lateral/output convs take ``MODEL.FPN.NORM``."""
     return _gn_built(build_resnet_fpn_backbone, cfg, input_shape)
 
 
 @BACKBONE_REGISTRY.register()
+@_follows_model_gn
 def build_gn_retinanet_resnet_fpn_backbone(cfg, input_shape):
     """ResNet + FPN with P6/P7 convs (RetinaNet)."""
     return _gn_built(build_retinanet_resnet_fpn_backbone, cfg, input_shape)

@@ -35,6 +35,7 @@ class _ConfiguredNormHead:
     """
 
     site = ""
+    follows_model_gn = True  # read by gn_det.config's check of the norm sites, through the registry
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -116,6 +117,7 @@ class GNRes5ROIHeads(RoIChunkedInference, Res5ROIHeads):
     predictor is OnnxNMSOutputLayers."""
 
     builds_cpu_fast_path = True
+    follows_model_gn = True
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -145,6 +147,8 @@ class GNRPNHead(StandardRPNHead):
     initialisation (zero bias on every conv) applies unchanged.
     """
 
+    follows_model_gn = True
+
     @configurable
     def __init__(self, *, conv_norm="", ws=False, cpu_fast_path=False, **kwargs):
         # read by _get_rpn_conv, which the parent's __init__ calls
@@ -172,6 +176,8 @@ class GNRPNHead(StandardRPNHead):
 class GNRetinaNet(PrecisionLayoutMixin, RetinaNet):
     """detectron2's RetinaNet whose head convs take ``MODEL.RETINANET.NORM`` from gn-det's factory, honouring
     ``MODEL.PRECISION`` and ``MODEL.CHANNELS_LAST`` like GNGeneralizedRCNN."""
+
+    follows_model_gn = True
 
     @classmethod
     def from_config(cls, cfg):
