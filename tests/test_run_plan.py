@@ -22,6 +22,8 @@ SETTINGS = {
     "tiny": (["SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0", "MODEL.DEVICE", "cpu"],
              ["dataloader.train.total_batch_size=2", "dataloader.train.num_workers=0", "train.device=cpu"]),
     "amp": (["SOLVER.AMP.ENABLED", "True"], ["train.amp.enabled=True"]),
+    "fp16": (["MODEL.PRECISION", "fp16"],
+             ["model._target_=gn_det.modeling.meta_arch.GNGeneralizedRCNN", "model.precision=fp16"]),
     "batch3": (["SOLVER.IMS_PER_BATCH", "3"], ["dataloader.train.total_batch_size=3"]),
     "syncbn": (["MODEL.FPN.NORM", "SyncBN"], ["model.backbone.norm=SyncBN"]),
     "groups48": (["MODEL.GN.NUM_GROUPS", "48"], ["model.backbone.norm.num_groups=48"]),
@@ -69,6 +71,23 @@ def test_amp_on_cpu_is_one_line(system, dataset, tmp_path):
     refused(args_for(system, dataset, tmp_path / "out", "amp"), r"(SOLVER\.AMP\.ENABLED|train\.amp\.enabled)=True "
             r"needs CUDA \(detectron2's AMPTrainer, fp16\); on CPU switch it off")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("system", SYSTEMS)
+def test_fp16_on_cpu_is_one_line_at_build_and_trains_with_a_gradient_scaler(system, dataset, tmp_path):
+    refused(args_for(system, dataset, tmp_path / "out", "fp16"),
+            r"^(MODEL\.PRECISION|model\.precision)='fp16' needs a CUDA device, not 'cpu'; use 'bf16' on CPU$")
+    assert not (tmp_path / "out").exists()
+    if system == "python":  # on CUDA, fp16 trains with AMPTrainer's scaler whatever train.amp.enabled says
+        from omegaconf import OmegaConf
+
+        from gn_det.engine.lazy_train import trains_with_amp
+
+        cfg = OmegaConf.create({"train": {"amp": {"enabled": False}}})
+        assert trains_with_amp(cfg, torch.nn.Module()) is False
+        fp16_model = torch.nn.Module()
+        fp16_model.precision = "fp16"
+        assert trains_with_amp(cfg, fp16_model) is True
 
 
 @pytest.mark.parametrize("system", SYSTEMS)

@@ -9,6 +9,8 @@ line, CPU processes through gloo.
 """
 import logging
 
+import torch
+
 from detectron2.config import instantiate
 from detectron2.engine import AMPTrainer, SimpleTrainer, hooks
 from detectron2.engine.defaults import create_ddp_model
@@ -22,6 +24,7 @@ from gn_det.data import register_datasets
 from gn_det.errors import InputError
 from gn_det.layers import check_norm_sites
 from gn_det.lazy import label_group_norm_sites, norm_slots
+from gn_det.modeling.meta_arch import check_precision
 from gn_det.solver import param_group_table
 
 from .plan import RunSettings
@@ -85,7 +88,16 @@ def build_lazy_model(cfg):
     label_group_norm_sites(cfg.model)
     model = instantiate(cfg.model)
     check_norm_sites(model)
-    return model.to(cfg.train.device)
+    model = model.to(cfg.train.device)
+    if hasattr(model, "precision"):  # gn-det's meta-architectures: fail at build, as a YAML config does
+        check_precision(model.precision, torch.device(cfg.train.device).type, key="model.precision")
+    return model
+
+
+def trains_with_amp(cfg, model):
+    """Whether training runs detectron2's AMPTrainer: ``train.amp.enabled``, or a model computing in fp16, which
+    trains with AMPTrainer's gradient scaler (as a YAML config with ``MODEL.PRECISION fp16`` does)."""
+    return cfg.train.amp.enabled or getattr(model, "precision", "fp32") == "fp16"
 
 
 def evaluated_dataset_name(cfg):
@@ -120,8 +132,9 @@ def do_train(args, cfg, model, preloaded=None):
     logger.info("Optimizer parameter groups:\n%s", param_group_table(model, optimizer))
     train_loader = instantiate(cfg.dataloader.train)
 
+    trainer_class = AMPTrainer if trains_with_amp(cfg, model) else SimpleTrainer
     model = create_ddp_model(model, **ddp_arguments(cfg))
-    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optimizer)
+    trainer = trainer_class(model, train_loader, optimizer)
     checkpointer = GNCheckpointer(model, cfg.train.output_dir, trainer=trainer, preloaded=preloaded)
     main = comm.is_main_process()
     trainer.register_hooks([

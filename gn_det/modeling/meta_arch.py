@@ -24,14 +24,13 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISIONS = ("fp32", *AUTOCAST_DTYPES)
 
 
-def check_precision(precision, device_type):
-    """Raise a one-line InputError naming MODEL.PRECISION if ``precision`` cannot run on ``device_type``."""
+def check_precision(precision, device_type, key="MODEL.PRECISION"):
+    """Raise a one-line InputError naming ``key`` if ``precision`` cannot run on ``device_type``."""
     if precision not in PRECISIONS:
-        raise InputError(f"MODEL.PRECISION={precision!r} is not a precision; choose one of "
-                         f"{', '.join(map(repr, PRECISIONS))}")
+        raise InputError(f"{key}={precision!r} is not a precision; choose one of {', '.join(map(repr, PRECISIONS))}")
     if precision == "fp16" and device_type != "cuda":
         # CPU float16 autocast exists but has no fast kernels, and fp16 training needs a CUDA grad scaler.
-        raise InputError(f"MODEL.PRECISION='fp16' needs a CUDA device, not {device_type!r}; use 'bf16' on CPU")
+        raise InputError(f"{key}='fp16' needs a CUDA device, not {device_type!r}; use 'bf16' on CPU")
 
 
 def to_float32(outputs):
