@@ -16,7 +16,7 @@ from detectron2.modeling import build_model  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 import gn_det  # noqa: E402
-from conftest import CONFIG_DIR, GN_FPN, tool_exit_message, tool_main  # noqa: E402
+from conftest import CONFIG_DIR, GN_FPN, made_once, tool_exit_message, tool_main  # noqa: E402
 from gn_det import GN, InputError  # noqa: E402
 from gn_det.data import generate_shapes  # noqa: E402
 from gn_det.engine import argument_parser  # noqa: E402
@@ -60,10 +60,12 @@ del dataloader.evaluator
 """
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_lazy_shapes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lazy_shapes")
-    generate_shapes(str(root), num_train=6, num_val=3, image_size=128)
+    # one folder per session: the datasets are registered under fixed names, which a second folder (a worker
+    # that runs this module's tests between other modules' re-creates module fixtures) could not take again
+    root = made_once(tmp_path_factory, "lazy_shapes",
+                     lambda folder: generate_shapes(str(folder), num_train=6, num_val=3, image_size=128))
     return [f"--dataset=tiny_lazy_train={root}/train.json,{root}/train",
             f"--dataset=tiny_lazy_val={root}/val.json,{root}/val"]
 
