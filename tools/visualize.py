@@ -20,9 +20,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="OUTPUT_DIR of each run")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for the PNGs")
-    parser.add_argument("--labels", nargs="+", metavar="LABEL", help="panel title of each run (default: folder names)")
+    parser.add_argument("--labels", nargs="+", metavar="LABEL",
+                        help="panel title of each run (default: folder names, with parent folders where names repeat)")
     parser.add_argument("--images", type=int, default=4, metavar="N", help="number of images (default: %(default)s)")
-    parser.add_argument("--dataset", metavar="NAME", help="registered dataset (default: the first run's DATASETS.TEST)")
+    parser.add_argument("--dataset", metavar="NAME",
+                        help="registered dataset drawn, and whose AP titles the panels (default: the first run's "
+                             "DATASETS.TEST)")
     parser.add_argument("--select", choices=SELECTIONS, default="differ",
                         help="how images are chosen (default: %(default)s)")
     parser.add_argument("--score-threshold", type=float, default=0.5, help="draw predictions scoring at least this")

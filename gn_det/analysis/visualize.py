@@ -5,6 +5,7 @@ instances_predictions.pth`` during training, so nothing is re-run; a run without
 first from a config and weights (:func:`evaluate_run`). Panels are drawn with detectron2's ``Visualizer``
 and the dataset's ``MetadataCatalog`` entry, titled with the run's label and its box / mask AP.
 """
+import collections
 import os
 import re
 
@@ -19,8 +20,9 @@ from detectron2.structures import BoxMode, Boxes, Instances
 from detectron2.utils.visualizer import Visualizer
 
 from gn_det.errors import InputError
+from gn_det.fileio import atomic_write
 
-from .runs import Run, run_labels
+from .runs import Run, distinct_tails, run_labels
 
 PREDICTIONS_FILE = "instances_predictions.pth"
 MATCH_IOU = 0.5  # a ground-truth mask counts as found by a same-class prediction with this mask IoU
@@ -134,10 +136,10 @@ def choose_images(records, predictions, count, selection, score_threshold):
     return [records[position] for *_, position in sorted(ranked)[:count]]
 
 
-def ap_title(run):
-    """"LABEL" over "box AP 66.3 mask AP 71.8" (the run's final results; "–" where it has none, NaN when
-    the evaluation found no prediction)."""
-    return (run.name, f"box AP {_ap(run.metric('bbox/AP'))}  mask AP {_ap(run.metric('segm/AP'))}")
+def ap_title(run, dataset=None):
+    """"LABEL" over "box AP 66.3 mask AP 71.8" (the run's final results on ``dataset``, by default its first
+    test set; "–" where it has none, NaN when the evaluation found no prediction)."""
+    return (run.name, f"box AP {_ap(run.metric('bbox/AP', dataset))}  mask AP {_ap(run.metric('segm/AP', dataset))}")
 
 
 def _ap(value):
@@ -155,8 +157,9 @@ def titled(panel, lines):
     return np.asarray(image)
 
 
-def draw_panels(record, runs, predictions, metadata, score_threshold, scale):
-    """One row: the ground truth, then each run's predictions, as an HxWx3 uint8 array."""
+def draw_panels(record, runs, predictions, metadata, score_threshold, scale, dataset=None):
+    """One row: the ground truth, then each run's predictions (titled with its AP on ``dataset``), as an HxWx3
+    uint8 array."""
     rgb = read_image(record["file_name"], format="RGB")
     height, width = rgb.shape[:2]
     # Visualizer picks instance colours with numpy's global generator: the same seed for every panel makes
@@ -169,18 +172,20 @@ def draw_panels(record, runs, predictions, metadata, score_threshold, scale):
                                            score_threshold)
         np.random.seed(0)
         drawn = Visualizer(rgb, metadata, scale=scale).draw_instance_predictions(instances).get_image()
-        panels.append(titled(drawn, ap_title(run)))
+        panels.append(titled(drawn, ap_title(run, dataset)))
     return np.concatenate(panels, axis=1)
 
 
 def plan_runs(run_dirs, labels, dataset, weights, config_file, out_dir):
-    """``({run_dir: Run}, {run_dir: (config, weights, evaluation folder)})``: the runs whose predictions of
-    ``dataset`` are saved, and how to evaluate each other one (see :func:`visualize_runs`)."""
-    runs, to_evaluate = {}, {}
-    for run_dir, label in zip(run_dirs, labels):
+    """``(runs, {position: (config, weights, evaluation folder)})``: per run folder, in order, its :class:`Run`
+    when its predictions of ``dataset`` are saved (else None), and how to evaluate each other one into
+    ``out_dir/inference/<position>_<label>`` (see :func:`visualize_runs`)."""
+    runs, to_evaluate = [], {}
+    for position, (run_dir, label) in enumerate(zip(run_dirs, labels)):
         if os.path.isfile(predictions_path(run_dir, dataset)):
-            runs[run_dir] = Run(run_dir, label)  # its results.json / metrics.json give the AP of the title
+            runs.append(Run(run_dir, label))  # its results.json / metrics.json give the AP of the title
             continue
+        runs.append(None)
         if not weights:
             raise InputError(f"{run_dir}: no {os.path.join('inference', dataset, PREDICTIONS_FILE)} and no "
                              "--weights to compute it")
@@ -189,20 +194,48 @@ def plan_runs(run_dirs, labels, dataset, weights, config_file, out_dir):
         for flag, path in (("--weights", run_weights), ("--config-file", run_config)):
             if not os.path.isfile(path):
                 raise InputError(f"{run_dir}: {flag} {path} is not a file")
-        folder = re.sub(r"[^\w.+-]", "_", label)  # a label such as "BN*" or "a/b" as one plain folder name
-        to_evaluate[run_dir] = (run_config, run_weights, os.path.join(out_dir, "inference", folder))
+        # a label such as "BN*" or "a/b" as one plain folder name; the position keeps labels that become the same
+        # name ("BN*", "BN?") apart
+        folder = f"{position + 1}_" + re.sub(r"[^\w.+-]", "_", label)
+        to_evaluate[position] = (run_config, run_weights, os.path.join(out_dir, "inference", folder))
     return runs, to_evaluate
+
+
+def image_names(records):
+    """A distinct PNG name per dataset dict: the image's file name without its extension, parent folders
+    prefixed (``a_0001``, ``b_0001``) where names repeat, and ``_<image_id>`` appended where even the paths do."""
+    names = ["_".join(tail) for tail in distinct_tails([os.path.splitext(r["file_name"])[0] for r in records])]
+    counts = collections.Counter(names)
+    return [f"{name}_{record['image_id']}" if counts[name] > 1 else name for name, record in zip(names, records)]
+
+
+def stack_rows(rows):
+    """The rows (HxWx3 uint8 arrays, of any sizes) one under another, left-aligned on white, as a PIL image."""
+    sheet = Image.new("RGB", (max(row.shape[1] for row in rows), sum(row.shape[0] for row in rows)), "white")
+    top = 0
+    for row in rows:
+        sheet.paste(Image.fromarray(row), (0, top))
+        top += row.shape[0]
+    return sheet
+
+
+def save_png(image, path, **options):
+    """Write the PIL ``image`` as a PNG through :func:`atomic_write`."""
+    with atomic_write(path, "wb") as f:
+        image.save(f, format="PNG", **options)
 
 
 def visualize_runs(run_dirs, out_dir, labels=None, dataset=None, num_images=4, selection="differ",
                    score_threshold=0.5, scale=1.0, config_file=None, weights=None, sheet=None):
-    """Write ``out_dir/<image>.png`` for ``num_images`` images of ``dataset``: ground truth and each run's
-    predictions side by side (and, with ``sheet``, all rows stacked into that one PNG). Returns the paths.
+    """Write ``out_dir/<image>.png`` for ``num_images`` images of ``dataset`` (names from :func:`image_names`):
+    ground truth and each run's predictions side by side, each titled with the run's AP on ``dataset`` (and, with
+    ``sheet``, all rows stacked into that one PNG, narrower ones padded with white). Returns the paths.
 
     ``dataset`` defaults to the ``DATASETS.TEST`` of the first run's config.yaml. A run without saved
     predictions is evaluated first from ``weights`` (a file, or a file name inside each run folder such as
-    ``model_final.pth``) and ``config_file`` (default: the run's config.yaml), into ``out_dir/inference/``.
-    Every input is checked before anything is written.
+    ``model_final.pth``) and ``config_file`` (default: the run's config.yaml), into
+    ``out_dir/inference/<position>_<label>/``. Labels default to the folder names (:func:`run_labels`). Every input
+    is checked before anything is written.
     """
     if selection not in SELECTIONS:
         raise InputError(f"--select: {selection!r} is not one of {', '.join(SELECTIONS)}")
@@ -224,22 +257,20 @@ def visualize_runs(run_dirs, out_dir, labels=None, dataset=None, num_images=4, s
     records = DatasetCatalog.get(dataset)
     metadata = MetadataCatalog.get(dataset)
 
-    loaded = {run_dir: load_run_model(dataset, *plan) for run_dir, plan in to_evaluate.items()}
+    loaded = {position: load_run_model(dataset, *plan) for position, plan in to_evaluate.items()}
     os.makedirs(out_dir, exist_ok=True)
-    for run_dir, (cfg, model) in loaded.items():
-        runs[run_dir] = Run(evaluate_run(cfg, model), labels[run_dirs.index(run_dir)])
-    runs = [runs[d] for d in run_dirs]
+    for position, (cfg, model) in loaded.items():
+        runs[position] = Run(evaluate_run(cfg, model), labels[position])
     predictions = [load_predictions(run.output_dir, dataset) for run in runs]
     chosen = choose_images(records, predictions, num_images, selection, score_threshold)
     rows, paths = [], []
-    for record in chosen:
-        row = draw_panels(record, runs, predictions, metadata, score_threshold, scale)
-        paths.append(os.path.join(out_dir, os.path.splitext(os.path.basename(record["file_name"]))[0] + ".png"))
-        Image.fromarray(row).save(paths[-1])
+    for record, name in zip(chosen, image_names(chosen)):
+        row = draw_panels(record, runs, predictions, metadata, score_threshold, scale, dataset)
+        paths.append(os.path.join(out_dir, name + ".png"))
+        save_png(Image.fromarray(row), paths[-1])
         rows.append(row)
     if sheet:
-        os.makedirs(os.path.dirname(os.path.abspath(sheet)), exist_ok=True)
         # a palette of 256 colours keeps the sheet small enough to commit; the per-image PNGs stay full colour
-        Image.fromarray(np.concatenate(rows, axis=0)).quantize(256).save(sheet, optimize=True)
+        save_png(stack_rows(rows).quantize(256), sheet, optimize=True)
         paths.append(sheet)
     return paths
