@@ -103,6 +103,9 @@ def test_batch_and_syncbn_against_two_processes(system, dataset, tmp_path):
     check_run(settings, 1, training=True)  # one process: torch's SyncBatchNorm is plain BN
     with pytest.raises(InputError, match=r"='SyncBN' needs CUDA with 2 processes .* use 'naiveSyncBN'"):
         check_run(settings, 2, training=True)
+    settings.norms = {key: "nnSyncBN" for key in settings.norms}
+    with pytest.raises(InputError, match=r"='nnSyncBN' needs CUDA with 2 processes"):
+        check_run(settings, 2, training=True)
 
 
 @pytest.mark.parametrize("system", SYSTEMS)

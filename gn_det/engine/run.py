@@ -96,9 +96,9 @@ def check_run(settings, world_size, training):
                          "(bf16 autocast is gn-det's MODEL.PRECISION bf16)")
     if on_cpu and world_size > 1:
         for key, norm in settings.norms.items():
-            if norm == "SyncBN":
+            if norm in ("SyncBN", "nnSyncBN"):  # detectron2's names of torch's nn.SyncBatchNorm
                 raise InputError(
-                    f"{source}: {key}='SyncBN' needs CUDA with {world_size} processes (torch's SyncBatchNorm has "
+                    f"{source}: {key}={norm!r} needs CUDA with {world_size} processes (torch's SyncBatchNorm has "
                     "no CPU kernel); use 'naiveSyncBN' (detectron2's all-reduce SyncBN) on CPU"
                 )
     key, batch = settings.batch
