@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageMode
 from tqdm import tqdm
 
 import detectron2.data.transforms as T
@@ -30,6 +30,7 @@ from gn_det.fileio import atomic_write, read_json, write_json_atomically
 
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 RESULTS_FILE = "predictions.json"
+UNLABELLED = "__unlabelled__"  # the metadata of a config that names no dataset
 
 
 class Predictor:
@@ -91,7 +92,7 @@ def model_from_config(cfg):
 
 def dataset_metadata(names):
     """The metadata of the first dataset of ``names`` (with its class names when it is registered)."""
-    return MetadataCatalog.get(names[0]) if names else MetadataCatalog.get("__unlabelled__")
+    return MetadataCatalog.get(names[0] if names else UNLABELLED)
 
 
 BACKENDS = ("torch", "torchscript", "onnxruntime", "openvino")
@@ -166,12 +167,21 @@ def expand_inputs(inputs):
 
 
 def check_image(path):
-    """Raise :class:`InputError` unless PIL can read ``path`` as an image."""
+    """Raise :class:`InputError` unless PIL decodes all of ``path`` as an image of 8 bits per channel.
+
+    The whole image is decoded: a truncated file opens and fails only when its pixels are read. An image of more
+    bits per channel (PIL mode I;16, I or F: a 16-bit PNG or TIFF, a float TIFF) is refused, not scaled:
+    detectron2's ``read_image`` clips its values at 255 (a 16-bit photo turns white), and which of its values
+    are black and white (a 12-bit sensor's range, a float image's) only its maker knows; convert it to 8 bits.
+    """
     try:
         with Image.open(path) as image:
-            image.verify()
+            image.load()
     except (OSError, SyntaxError, ValueError) as err:  # what PIL raises for a missing, unknown or cut file
         raise InputError(f"{path}: not a readable image ({' '.join(str(err).split())})") from None
+    if ImageMode.getmode(image.mode).typestr[1:] not in ("u1", "b1"):  # 8-bit channels, or 1-bit
+        raise InputError(f"{path}: image mode {image.mode} has more than 8 bits per channel, and the model reads "
+                         "8-bit images; convert it to 8 bits (values 0-255) first")
 
 
 def output_names(paths):
@@ -190,7 +200,8 @@ def coco_ids(paths, coco_json, metadata):
 
     With ``coco_json`` (a COCO instances file listing the images), image ids are its ids, matched by file
     name; without, images are numbered 1, 2, ... Category ids are those of ``coco_json``, else those of the
-    metadata's dataset, else the class indices, mapped in the order detectron2's ``load_coco_json`` uses.
+    metadata's dataset (its id map, else its COCO file), mapped in the order detectron2's ``load_coco_json``
+    uses; a dataset that gives neither is an InputError.
     """
     if coco_json and not os.path.isfile(coco_json):
         raise InputError(f"--coco-json {coco_json} is not a file")
@@ -198,7 +209,12 @@ def coco_ids(paths, coco_json, metadata):
         return list(range(1, len(paths) + 1)), {v: k for k, v in metadata.thing_dataset_id_to_contiguous_id.items()}
     annotations = coco_json or metadata.get("json_file")
     if not (annotations and os.path.isfile(annotations)):
-        return list(range(1, len(paths) + 1)), {}
+        # Refused rather than guessed (the class index, or index + 1): ids are the dataset's own (COCO's run
+        # 1-90 with gaps), and COCOeval scores a result under a wrong id against another class, silently.
+        what = "the config names no dataset" if metadata.name == UNLABELLED else \
+            f"dataset {metadata.name!r} has no category id map or COCO file"
+        raise InputError(f"{RESULTS_FILE} needs the dataset's category ids, but {what}: name the model's "
+                         "registered dataset in the config, or give --coco-json FILE")
     coco = read_json(annotations, "--coco-json" if coco_json else "COCO file")
     try:
         to_dataset_id = dict(enumerate(sorted(c["id"] for c in coco["categories"])))

@@ -302,6 +302,69 @@ def test_bad_inputs_fail_at_registration_in_one_line(catalogs, tmp_path, small_s
         assert name not in DatasetCatalog.list(), description
 
 
+# A change to a good COCO file (shapes val: categories 1-3, image 1 holding annotation 1) -> what the check says
+MALFORMED_ENTRIES = {
+    "repeated category id": (lambda c: c["categories"].append(dict(c["categories"][0], name="again")),
+                             r"category id 1 appears more than once"),
+    "image without height": (lambda c: c["images"][0].pop("height"), r"image 1 \{.*\} has no 'height'"),
+    "image without width": (lambda c: c["images"][0].pop("width"), r"image 1 \{.*\} has no 'width'"),
+    "annotation without bbox": (lambda c: c["annotations"][0].pop("bbox"), r"annotation 1 \{.* has no 'bbox'"),
+    "bbox of a string": (lambda c: c["annotations"][0].update(bbox=["1", 2, 3, 4]),
+                         r'annotation 1 has bbox \["1", 2, 3, 4\], not a list of 4 numbers'),
+    "bbox of 3 numbers": (lambda c: c["annotations"][0].update(bbox=[1, 2, 3]),
+                          r"annotation 1 has bbox \[1, 2, 3\], not a list of 4 numbers"),
+    "string category_id": (lambda c: c["annotations"][0].update(category_id="1"),
+                           r"annotation 1 has category_id '1', which is not in 'categories' \(ids 1, 2, 3\)"),
+    "list as image id": (lambda c: c["images"][0].update(id=[1]),
+                         r"image \{.*\} has 'id' \[1\], not a number or string"),
+    "list as image_id": (lambda c: c["annotations"][0].update(image_id=[1]),
+                         r"annotation 1 \{.* has 'image_id' \[1\], not a number or string"),
+    "file_name not a string": (lambda c: c["images"][0].update(file_name=5), r"image 1 has file_name 5, not a string"),
+    "category ids of numbers and strings": (lambda c: c["categories"].append({"id": "4", "name": "x"}),
+                                            r"the category ids mix numbers and strings"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED_ENTRIES)
+def test_malformed_entries_fail_at_registration_in_one_line(catalogs, tmp_path, small_shapes, good_coco, case):
+    from gn_det.data import register_coco_dataset
+    from gn_det.errors import InputError
+
+    DatasetCatalog, _ = catalogs
+    change, message = MALFORMED_ENTRIES[case]
+    change(good_coco)
+    name, json_file = unique_name(), write_coco(tmp_path, good_coco)
+    with pytest.raises(InputError, match=rf"^dataset '{name}': {json_file}: {message}") as raised:
+        register_coco_dataset(name, json_file, os.path.join(small_shapes, "val"))
+    assert "\n" not in str(raised.value)
+    assert name not in DatasetCatalog.list()
+
+
+def test_annotations_without_segmentation_are_recorded_and_refused_to_a_mask_model(catalogs, monkeypatch, tmp_path,
+                                                                                   small_shapes, good_coco):
+    """A box-only model needs no segmentation: the dataset registers, and the check of a run with masks refuses it
+    naming the first non-crowd annotation without one, from a cached verdict too."""
+    from gn_det.data.register import check_segmentations, register_coco_dataset
+    from gn_det.errors import InputError
+
+    monkeypatch.setenv("GN_DET_CACHE", str(tmp_path / "cache"))
+    annotations = good_coco["annotations"]
+    annotations[0].update(iscrowd=1, segmentation=None)  # a crowd annotation trains nothing: none needed
+    annotations[2].update(segmentation=[])  # load_coco_json keeps it, without a segmentation
+    del annotations[3]["segmentation"]
+    json_file, image_dir = write_coco(tmp_path, good_coco), os.path.join(small_shapes, "val")
+    for name in (unique_name(), unique_name()):  # the second from the verdict the first cached
+        register_coco_dataset(name, json_file, image_dir)
+        with pytest.raises(InputError, match=rf"^DATASETS.TRAIN dataset '{name}': {json_file}: annotation 3 has no "
+                                             "segmentation, which a model predicting masks needs"):
+            check_segmentations(name, "DATASETS.TRAIN")
+    assert len(os.listdir(tmp_path / "cache" / "checks")) == 1
+    good = unique_name()
+    register_coco_dataset(good, os.path.join(small_shapes, "val.json"), image_dir)
+    check_segmentations(good, "DATASETS.TRAIN")
+    check_segmentations("shapes_val", "DATASETS.TEST")  # registered without a check: nothing recorded
+
+
 def test_shapes_are_registered_lazily_at_import(d2, tmp_path):
     # A fresh interpreter: importing gn_det.data registers both splits and generates nothing.
     code = (

@@ -270,3 +270,23 @@ def test_converted_weights_for_other_input_are_one_line(system, dataset, tmp_pat
             rf"^INPUT\.FORMAT / model\.input_format is 'BGR', but {converted_gn_r18} holds ResNet-18 GN weights "
             r"\(timm\) that expect 'RGB'$")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("system", SYSTEMS)
+def test_a_mask_model_refuses_a_dataset_without_segmentations(system, dataset, tmp_path, tiny_dataset_specs):
+    import json
+
+    from gn_det.data import register_datasets
+
+    json_file, image_dir = tiny_dataset_specs[1].partition("=")[2].partition("=")[2].split(",")
+    coco = json.loads(open(json_file).read())
+    first = coco["annotations"][0]
+    del first["segmentation"]
+    boxes_only = tmp_path / "boxes_only.json"
+    boxes_only.write_text(json.dumps(coco))
+    name, = register_datasets([f"boxes_only_{system}={boxes_only},{image_dir}"])
+    key = "DATASETS.TEST" if system == "yaml" else r"dataloader\.test\.dataset\.names"
+    refused(args_for(system, (dataset[0], name), tmp_path / "out"),
+            rf": {key} dataset '{name}': {boxes_only}: annotation {first['id']!r} has no segmentation, which a model "
+            "predicting masks needs")
+    assert not (tmp_path / "out").exists()

@@ -118,6 +118,23 @@ def test_symlinked_image_or_unreadable_cache_means_a_full_check(tiny_coco, check
     assert len(checks) == 4
 
 
+def test_a_verdict_of_an_older_check_does_not_skip_the_current_one(tiny_coco, checks):
+    """A dataset passed before the check required a bbox: its verdict, keyed as it was then, is not read."""
+    json_file, image_dir = tiny_coco
+    with open(json_file) as f:
+        coco = json.load(f)
+    del coco["annotations"][0]["bbox"]
+    with open(json_file, "w") as f:
+        json.dump(coco, f)
+    old_key = {"json_file": json_file, "json": register.fingerprint(json_file), "image_dir": image_dir}
+    verdict.write_verdict(old_key, {"thing_classes": ["class_1", "class_2", "class_3"],
+                                    "image_folders": [[image_dir, register.fingerprint(image_dir)]]})
+    assert verdict.read_verdict(old_key) is not None
+    with pytest.raises(InputError, match=r"annotation 1 \{.* has no 'bbox'"):
+        register.check_coco_dataset_once(json_file, image_dir, "tiny")
+    assert len(checks) == 1
+
+
 def test_shared_verdict_comes_from_process_0(monkeypatch):
     from detectron2.utils import comm
 

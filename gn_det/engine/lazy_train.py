@@ -77,6 +77,7 @@ def load_lazy_run_config(args):
         test_datasets=dataset_names(cfg, "test") if evaluates else [],
         weights=("train.init_checkpoint", cfg.train.init_checkpoint or ""),
         output_dir=cfg.train.output_dir, seed=OmegaConf.select(cfg, "train.seed", default=-1),
+        masks=OmegaConf.select(cfg, "model.roi_heads.mask_head", default=None) is not None,
         adjustments=adjustments,
     )
     return cfg, settings

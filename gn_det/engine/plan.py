@@ -20,6 +20,7 @@ class RunSettings:
     weights: Tuple[str, str]  # (key, path) of the weights training or evaluation starts from ("" for none)
     output_dir: str
     seed: int  # SEED / train.seed; < 0: a random seed, as detectron2's default_setup does
+    masks: bool = False  # the model predicts masks (MODEL.MASK_ON / a mask head): its datasets need segmentations
     adjustments: List[str] = dataclasses.field(default_factory=list)  # logged once the output folder exists
 
 

@@ -34,6 +34,7 @@ from gn_det.checkpoint.convert import AUTHOR as CONVERTER_AUTHOR
 from gn_det.checkpoint.reader import GNCheckpointer, local_weights_path, read_checkpoint
 from gn_det.config import NORM_SITE_KEYS, available_device, get_gn_cfg, is_lazy_config, select
 from gn_det.data import SHAPES_SPLITS, ensure_shapes, register_datasets
+from gn_det.data.register import check_segmentations
 from gn_det.errors import InputError
 from gn_det.fileio import check_output_location
 from gn_det.solver import scale_schedule_linearly
@@ -66,6 +67,7 @@ def yaml_settings(cfg, source):
         train_datasets=[("DATASETS.TRAIN", name) for name in cfg.DATASETS.TRAIN],
         test_datasets=[("DATASETS.TEST", name) for name in cfg.DATASETS.TEST],
         weights=("MODEL.WEIGHTS", cfg.MODEL.WEIGHTS), output_dir=cfg.OUTPUT_DIR, seed=cfg.SEED,
+        masks=cfg.MODEL.MASK_ON,
     )
 
 
@@ -129,9 +131,11 @@ def check_dataset(name, key, source, register_hint=REGISTER_HINT):
 
 def check_datasets(settings, training=True):
     """:func:`check_dataset` for every dataset the run reads: the test sets (evaluated after training too),
-    and the training sets when ``training``."""
+    and the training sets when ``training``; for a model that predicts masks, their segmentations."""
     for key, name in (settings.train_datasets if training else []) + settings.test_datasets:
         check_dataset(name, key, settings.source)
+        if settings.masks:
+            check_segmentations(name, f"{settings.source}: {key}")
 
 
 def weights_to_load(output_dir, weights, resume, weights_key="MODEL.WEIGHTS"):
