@@ -54,7 +54,8 @@ def test_spec_builds_gn_and_other_names_stay_detectron2s():
     assert set(NORM_NAMES) >= {"GN", "FrozenBN", "BN", "SyncBN", "naiveSyncBN", ""}
     from gn_det.modeling import with_gn_specs
 
-    cfg = get_gn_cfg(None, ["MODEL.RESNETS.NORM", "FrozenBN", "MODEL.FPN.NORM", "GN", "MODEL.GN.NUM_GROUPS", "16"])
+    cfg = get_gn_cfg(None, ["MODEL.BACKBONE.NAME", "build_gn_resnet_fpn_backbone", "MODEL.RESNETS.NORM", "FrozenBN",
+                            "MODEL.FPN.NORM", "GN", "MODEL.GN.NUM_GROUPS", "16"])
     resolved = with_gn_specs(cfg)
     assert resolved.MODEL.RESNETS.NORM == "FrozenBN" and resolved.MODEL.ROI_BOX_HEAD.NORM == ""
     assert isinstance(resolved.MODEL.FPN.NORM, GroupNormSpec) and resolved.MODEL.FPN.NORM(64).num_groups == 16
