@@ -15,8 +15,6 @@ import pytest
 
 pytest.importorskip("detectron2")
 
-import torch  # noqa: E402
-
 from conftest import CONFIG_DIR, REPO, tool_exit_message  # noqa: E402
 
 GN_YAML = os.path.join(CONFIG_DIR, "shapes", "mask_rcnn_R_18_FPN_gn.yaml")
@@ -114,10 +112,6 @@ def corrupt(kind, original, is_folder, target):
     elif kind == "other_type":  # a file of another kind under this name: an image for a config, else a config
         is_config = original.endswith((".yaml", ".py"))
         target.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(64) if is_config else open(GN_YAML, "rb").read())
-    elif kind == "foreign_layout":  # a readable file of the kind, laid out as no tool reads it
-        if not original.endswith(".pth"):
-            return None
-        torch.save({"model": {"conv1.weight": torch.zeros(1), "arch": "resnet50"}, "epoch": 3}, target)
     elif kind == "folder":
         target.mkdir()
     elif kind == "unreadable":
@@ -130,7 +124,7 @@ def corrupt(kind, original, is_folder, target):
     return str(target)
 
 
-KINDS = ["empty", "truncated", "random", "other_type", "foreign_layout", "folder", "file_for_folder", "unreadable"]
+KINDS = ["empty", "truncated", "random", "other_type", "folder", "file_for_folder", "unreadable"]
 
 
 @pytest.mark.slow
