@@ -127,7 +127,8 @@ def test_timm_resnet50_gn_equals_gn_fpn_backbone(timm_gn_r50):
     meta = load_converted(weights)["gn_det"]
     assert meta == {"source": "timm", "depth": 50, "norm": "GN", "input_format": "RGB",
                     "pixel_mean": [123.675, 116.28, 103.53], "pixel_std": [58.395, 57.12, 57.375],
-                    "stride_in_1x1": False}
+                    "stride_in_1x1": False,
+                    "group_norm": {"num_groups": 32, "eps": 1e-5, "weight_standardization": False}}
     model = load_model(cfg, weights)
     assert_same_stages(source, model.backbone.bottom_up)
 
@@ -342,3 +343,21 @@ def test_cli_checks_the_config_before_writing(timm_gn_r50, tmp_path):
                              os.path.join(COCO, "mask_rcnn_R_50_FPN_2x_gn.yaml"))  # a BGR config
     assert "INPUT.FORMAT / model.input_format is 'BGR'" in line and str(out) in line, line
     assert not out.exists()
+
+
+def test_gn_weights_into_other_groups_or_ws_fail(tmp_path):
+    """GroupNorm parameters have the same shapes under any group count: the converted file records what its
+    GroupNorms computed, and a model that would compute otherwise is refused, naming the first such layer."""
+    source = torchvision.models.resnet18(norm_layer=lambda channels: nn.GroupNorm(32, channels))
+    torch.save(source.state_dict(), tmp_path / "r18_gn.pth")
+    convert_weights(str(tmp_path / "r18_gn.pth"), str(tmp_path / "r18_gn.pkl"))
+    r18 = ["MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64"]
+    check_weights_for_model(build_backbone(gn_cfg(GN_TIMM, *r18)), str(tmp_path / "r18_gn.pkl"))
+    for opts, found in ((["MODEL.GN.NUM_GROUPS", "16"], "16 groups, eps 1e-05, weight standardization False"),
+                        (["MODEL.GN.WS", "True"], "32 groups, eps 1e-05, weight standardization True")):
+        one_line_error(rf"^bottom_up\.stem\.conv1\.norm: {found}; but .* trained with 32 groups, eps 1e-05, weight "
+                       "standardization False", check_weights_for_model, build_backbone(gn_cfg(GN_TIMM, *r18, *opts)),
+                       str(tmp_path / "r18_gn.pkl"))
+    convert_weights(str(tmp_path / "r18_gn.pth"), str(tmp_path / "r18_gn16.pkl"), num_groups=16)
+    check_weights_for_model(build_backbone(gn_cfg(GN_TIMM, *r18, "MODEL.GN.NUM_GROUPS", "16")),
+                            str(tmp_path / "r18_gn16.pkl"))

@@ -30,6 +30,9 @@ def argument_parser():
                         help="norm of the source; auto: BN when it has running statistics, else GN")
     parser.add_argument("--depth", type=int, choices=(18, 34, 50, 101, 152),
                         help="expected ResNet depth (default: inferred from the blocks per layer)")
+    parser.add_argument("--num-groups", type=int, default=32, metavar="G",
+                        help="groups of the source's GroupNorms, recorded and checked against the model (default: "
+                             "%(default)s, timm's resnet*_gn)")
     parser.add_argument("--config-file", metavar="FILE",
                         help="also check that this gn-det config's model loads every ResNet weight from OUTPUT")
     return parser
@@ -44,7 +47,7 @@ def main(argv=None):
     cfg = get_gn_cfg(args.config_file, ["MODEL.DEVICE", "cpu"]) if args.config_file else None
     model = build_model(cfg) if cfg is not None else None
     converted = convert_weights(args.input, args.output, source=args.source, norm=args.norm, depth=args.depth,
-                                model=model)
+                                model=model, num_groups=args.num_groups)
     meta = converted.metadata
     match = converted.reference_match
     matched, total = len(match.matched), len(match.matched) + len(match.missing)

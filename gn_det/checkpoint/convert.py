@@ -20,6 +20,7 @@ from typing import Dict, List
 
 import numpy as np
 import torch
+from torch import nn
 
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 from detectron2.layers import ShapeSpec
@@ -29,6 +30,7 @@ from gn_det.checkpoint.reader import read_checkpoint, read_weights
 from gn_det.config import get_gn_cfg
 from gn_det.errors import InputError
 from gn_det.fileio import atomic_write
+from gn_det.layers.ws import WSConv2d
 from gn_det.modeling.backbone import build_gn_resnet_backbone
 
 logger = logging.getLogger(__name__)
@@ -174,7 +176,7 @@ def build_reference_resnet(depth, norm):
     return build_gn_resnet_backbone(cfg, ShapeSpec(channels=3))
 
 
-def convert_resnet_state_dict(state_dict, source="auto", norm="auto", depth=None):
+def convert_resnet_state_dict(state_dict, source="auto", norm="auto", depth=None, num_groups=32):
     """Rename a timm/torchvision ResNet state dict to detectron2's ResNet and check it against gn-det's ResNet.
 
     Args:
@@ -183,6 +185,8 @@ def convert_resnet_state_dict(state_dict, source="auto", norm="auto", depth=None
             the result; "auto" guesses timm for GN weights (torchvision publishes no GN ResNet), else torchvision.
         norm: "GN", "BN" or "auto" (BN when the norms carry running statistics, else GN). BN becomes FrozenBN.
         depth: 18, 34, 50, 101 or 152; None infers it from the block type and the blocks per layer.
+        num_groups: the groups of the source's GroupNorms, which a state dict does not hold (32: timm's
+            ``resnet*_gn``, the paper's G); recorded with ε = 1e-5 (torch's default) for GN weights.
 
     Raises:
         WeightsMismatchError: naming the first source key that is not a ResNet parameter, does not fit the
@@ -194,6 +198,8 @@ def convert_resnet_state_dict(state_dict, source="auto", norm="auto", depth=None
         raise InputError(f"norm={norm!r}; choose one of 'GN', 'BN', 'auto'")
     if depth is not None and depth not in RESNET_DEPTHS:
         raise InputError(f"depth={depth}; choose one of {', '.join(map(str, RESNET_DEPTHS))}")
+    if num_groups < 1:
+        raise InputError(f"num_groups={num_groups} must be >= 1")
 
     renamed, source_names, unused, dropped = OrderedDict(), {}, [], []
     for name, tensor in state_dict.items():
@@ -264,6 +270,8 @@ def convert_resnet_state_dict(state_dict, source="auto", norm="auto", depth=None
         "pixel_std": list(IMAGENET_RGB_PIXEL_STD),
         "stride_in_1x1": False,  # timm and torchvision put the stride in the 3x3 conv
     }
+    if target_norm == "GN":  # what the GroupNorms computed: the same parameters under other groups do not
+        metadata["group_norm"] = {"num_groups": num_groups, "eps": 1e-5, "weight_standardization": False}
     return ConvertedResNet(model, metadata, unused, dropped, match)
 
 
@@ -313,13 +321,14 @@ def load_converted(path):
     return read_checkpoint(path)
 
 
-def convert_weights(input_path, output_path, source="auto", norm="auto", depth=None, model=None):
+def convert_weights(input_path, output_path, source="auto", norm="auto", depth=None, model=None, num_groups=32):
     """Load a timm/torchvision ResNet file, convert it (checked against gn-det's ResNet), save the ``.pkl``.
 
     ``model``: also check that this model loads every ResNet weight of the result and reads its input as the
     weights expect (:func:`check_weights_for_model`), before anything is written; the match is then
     ``converted.model_match``."""
-    converted = convert_resnet_state_dict(load_source_state_dict(input_path), source=source, norm=norm, depth=depth)
+    converted = convert_resnet_state_dict(load_source_state_dict(input_path), source=source, norm=norm, depth=depth,
+                                          num_groups=num_groups)
     if model is not None:
         converted.model_match = check_weights_for_model(model, converted.checkpoint(), name=output_path)
     save_converted(converted, output_path)
@@ -368,7 +377,27 @@ def check_weights_for_model(model, checkpoint, name="weights"):
         for setting, value, wanted in input_settings(model, meta):
             if value != wanted and not (isinstance(wanted, list) and np.allclose(value, wanted)):
                 raise WeightsMismatchError(f"{setting} is {value!r}, but {holds} that expect {wanted!r}")
+        check_group_norms(model, meta.get("group_norm"), holds)
     return match
+
+
+def check_group_norms(model, trained, holds):
+    """Each GroupNorm of the model's ResNet computes as the converted weights' did (``trained``: their
+    "group_norm" entry; files converted without one are not checked): the same groups and ε, and Weight
+    Standardization on its conv only if the weights were trained with it."""
+    if not trained:
+        return
+    wanted = (trained["num_groups"], trained["eps"], trained["weight_standardization"])
+    for name, conv in model.named_modules():
+        norm = getattr(conv, "norm", None)
+        if RESNET_MODEL_KEY.search(name + ".") and isinstance(norm, nn.GroupNorm):
+            found = (norm.num_groups, norm.eps, isinstance(conv, WSConv2d))
+            if found != wanted:
+                raise WeightsMismatchError(
+                    f"{name}.norm: {found[0]} groups, eps {found[1]:g}, weight standardization {found[2]}; but {holds} "
+                    f"that were trained with {wanted[0]} groups, eps {wanted[1]:g}, weight standardization {wanted[2]} "
+                    "(MODEL.GN / the norm spec; convert_weights.py --num-groups)"
+                )
 
 
 def describe_resnet(model):
