@@ -14,11 +14,16 @@ import torch  # noqa: E402
 from detectron2.engine import SimpleTrainer  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
-from conftest import CONFIG_DIR, REPO, tool_main  # noqa: E402
+from conftest import CONFIG_DIR, REPO, tool_exit_message, tool_main  # noqa: E402
 from gn_det.analysis.feature_stats import FEATURE_STATS_FILE, feature_percentiles, read_feature_stats  # noqa: E402
 from gn_det.config import get_gn_cfg  # noqa: E402
 from gn_det.data import generate_shapes  # noqa: E402
-from gn_det.analysis.feature_stats_hook import FeatureStatsHook, default_feature_layer  # noqa: E402
+from gn_det.analysis.feature_stats_hook import (  # noqa: E402
+    FeatureStatsHook,
+    default_feature_layer,
+    earlier_feature_stats,
+)
+from gn_det.errors import InputError  # noqa: E402
 
 SHAPES = os.path.join(CONFIG_DIR, "shapes")
 SMALL = ["INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "128", "INPUT.MIN_SIZE_TEST", "128",
@@ -112,3 +117,28 @@ def test_feature_stats_tool_trains_with_the_hook_and_plots_runs_side_by_side(tmp
     plot = tmp_path / "figure" / "feature_stats.png"
     tool_main("feature_stats.py", "plot", out, other, tmp_path / "shapes", "--out", plot, "--separate-y-axes")
     assert f"wrote {plot} (2 of 3 runs)" in capsys.readouterr().out and plot.stat().st_size > 10_000
+
+
+def test_feature_stats_plot_rejects_bad_input_in_one_line_before_writing(tmp_path):
+    """--columns below 1, a truncated or foreign feature_stats.json and an --out in the way are one-line errors
+    naming the option or file, and nothing is written."""
+    good, truncated, foreign = (tmp_path / name for name in ("good", "truncated", "foreign"))
+    for run in (good, truncated, foreign):
+        run.mkdir()
+    text = json.dumps({"layer": "x", "where": "input", "percentiles": [1, 20, 80, 99],
+                       "records": [{"iteration": 0, "p1": -1, "p20": 0, "p80": 1, "p99": 2, "mean": 0, "std": 1}]})
+    (good / FEATURE_STATS_FILE).write_text(text)
+    (truncated / FEATURE_STATS_FILE).write_text(text[:40])
+    (foreign / FEATURE_STATS_FILE).write_text("[]")
+    out = tmp_path / "plots" / "fs.png"
+    cases = [((good, "--columns", "0"), "--columns 0 must be >= 1"),
+             ((good, truncated), f"feature stats file {truncated / FEATURE_STATS_FILE} is not valid JSON"),
+             ((good, foreign), f"feature stats file {foreign / FEATURE_STATS_FILE} lacks layer, where"),
+             ((good, "--out", tmp_path), f"--out {tmp_path}: a folder is in the way")]
+    for args, expected in cases:
+        message = tool_exit_message("feature_stats.py", "plot", "--out", out, *args)
+        assert message.startswith(f"feature_stats.py: error: {expected}"), message
+    assert not (tmp_path / "plots").exists()
+    # the hook continuing a run reads the file through the same checks
+    with pytest.raises(InputError, match="is not valid JSON"):
+        earlier_feature_stats(str(truncated), "x", "input")

@@ -733,3 +733,28 @@ def test_cpu_fast_path_on_for_a_cuda_model_is_logged_once():
     logged = [r.getMessage() for r in records.records]
     assert logged == ["MODEL.CPU_FAST_PATH=True on MODEL.DEVICE='cuda': its pieces compute as detectron2 does off "
                       "the CPU (gn_det/cpu)"]
+
+
+@pytest.mark.parametrize("device, expected", [("foo", "--device 'foo' is not a device; use cpu, cuda or cuda:N"),
+                                              ("cuda", "--device cuda: CUDA is not available on this machine"),
+                                              ("meta", "--device meta: only cpu and cuda are benchmarked")])
+def test_benchmark_rejects_a_device_before_any_variant_runs(device, expected, monkeypatch):
+    import gn_det.analysis.benchmark as benchmark
+
+    def no_variant_runs(*args):
+        raise AssertionError("a variant ran")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a machine with a GPU
+    monkeypatch.setattr(benchmark, "measure_in_subprocess", no_variant_runs)
+    assert tool_exit_message("benchmark.py", "--device", device) == f"benchmark.py: error: {expected}"
+
+
+def test_benchmark_checks_its_output_before_any_variant_runs(tmp_path, monkeypatch):
+    import gn_det.analysis.benchmark as benchmark
+
+    def no_variant_runs(*args):
+        raise AssertionError("a variant ran")
+
+    monkeypatch.setattr(benchmark, "measure_in_subprocess", no_variant_runs)
+    message = tool_exit_message("benchmark.py", "--variants", "gn_fp32", "--output", tmp_path)
+    assert message == f"benchmark.py: error: --output {tmp_path}: a folder is in the way of the output file"

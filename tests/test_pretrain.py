@@ -15,7 +15,7 @@ from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.layers import FrozenBatchNorm2d  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
-from conftest import CONFIG_DIR, tool_main  # noqa: E402
+from conftest import CONFIG_DIR, tool_exit_message, tool_main  # noqa: E402
 from gn_det.analysis.pretrain import (  # noqa: E402
     CROP_PADDING,
     CROP_SIZE,
@@ -23,11 +23,13 @@ from gn_det.analysis.pretrain import (  # noqa: E402
     augment,
     build_classifier,
     convert_and_check,
+    ensure_pretrain_data,
     instance_crops,
     normalize,
 )
 from gn_det.config import get_gn_cfg  # noqa: E402
 from gn_det.data import generate_shapes  # noqa: E402
+from gn_det.errors import InputError  # noqa: E402
 from gn_det.layers.norm import GroupNorm  # noqa: E402
 
 SMALL = ["INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "128", "INPUT.MIN_SIZE_TEST", "128",
@@ -119,3 +121,36 @@ def test_paper_protocol_chain_at_tiny_size(tmp_path, tiny_root, capsys):
     table = (out / "comparison.md").read_text()
     assert "GN, pretrained GN" in table and "BN*, pretrained BN" in table and "Pretraining" in table
     assert (out / "comparison.png").stat().st_size > 10_000 and (out / "comparison.csv").exists()
+
+
+def test_pretrain_data_is_generated_per_image_count_and_a_folder_of_other_counts_is_refused(tmp_path, monkeypatch):
+    """A generated folder is never regenerated, so the default folder is one per count, and a named folder
+    holding other counts is an InputError naming it rather than silently used."""
+    monkeypatch.setenv("GN_DET_CACHE", str(tmp_path))
+    small, larger = ensure_pretrain_data(None, num_train=2, num_val=1), ensure_pretrain_data(None, 3, 1)
+    assert small != larger
+    for root, (train, val) in ((small, (2, 1)), (larger, (3, 1))):
+        for split, count in (("train", train), ("val", val)):
+            with open(os.path.join(root, f"{split}.json")) as f:
+                assert len(json.load(f)["images"]) == count
+    assert ensure_pretrain_data(small, 2, 1) == small
+    with pytest.raises(InputError, match=f"{small} holds 2 train images, not the 3"):
+        ensure_pretrain_data(small, 3, 1)
+
+
+def test_pretrain_classifier_rejects_bad_input_before_writing_anything(tmp_path, monkeypatch):
+    monkeypatch.setenv("GN_DET_CACHE", str(tmp_path / "cache"))
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "cat.png").touch()
+    (tmp_path / "taken").touch()
+    cases = {("--num-train", "0"): "num_train=0 must be >= 1", ("--num-val", "-1"): "num_val=-1 must be >= 1",
+             ("--lr", "-1"): "lr=-1.0 must be a finite number > 0", ("--lr", "nan"): "lr=nan must be",
+             ("--data", foreign): f"pretraining data {foreign} exists but is not a complete shapes dataset",
+             ("--out", tmp_path / "taken" / "cls.pth"): f"{tmp_path / 'taken'} is a file, not a folder"}
+    for option, expected in cases.items():
+        args = ["--norm", "GN", "--out", tmp_path / "cls.pth", "--iters", "1", "--num-train", "1", "--num-val", "1",
+                *option]  # the last of a repeated option wins
+        assert expected in tool_exit_message("pretrain_classifier.py", *args), option
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos", "taken"]
+    assert [p.name for p in foreign.iterdir()] == ["cat.png"]

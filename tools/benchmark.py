@@ -11,15 +11,18 @@ that is the installed one.
 """
 import sys
 
-from gn_det.analysis.benchmark import (VARIANTS, build_parser, chosen_variants, markdown_table, run_benchmark,
-                                       variant_cfg)
+from gn_det.analysis.benchmark import (VARIANTS, build_parser, check_device, chosen_variants, markdown_table,
+                                       run_benchmark, variant_cfg)
 from gn_det.errors import exit_on_input_error
-from gn_det.fileio import write_json_atomically
+from gn_det.fileio import check_output_location, write_json_atomically
 
 
 def main(argv):
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_device(args.device)  # each variant's process would fail on it, after the others had run
+    if args.output:  # written only after every variant has run
+        check_output_location(args.output, "--output", folder=False)
     for name in chosen_variants(args):  # a bad --config KEY VALUE stops here, before any variant runs
         if VARIANTS[name].get("cuda") and not args.device.startswith("cuda"):
             parser.error(f"variant {name} (detectron2's AMPTrainer, fp16) needs --device cuda")

@@ -18,7 +18,8 @@ import sys
 from gn_det.analysis.feature_stats import plot_feature_stats_of_runs
 from gn_det.engine import argument_parser, launch
 from gn_det.analysis.feature_stats_hook import WHERE, train_with_feature_stats
-from gn_det.errors import exit_on_input_error
+from gn_det.errors import InputError, exit_on_input_error
+from gn_det.fileio import check_output_location
 
 
 def train_argument_parser():
@@ -41,6 +42,21 @@ def plot_argument_parser():
     return parser
 
 
+def plot(args):
+    """The `plot` command: its input is checked before anything is written."""
+    if args.columns < 1:
+        raise InputError(f"--columns {args.columns} must be >= 1")
+    missing = [d for d in args.run_dirs if not os.path.isdir(d)]
+    if missing:
+        raise InputError(f"{missing[0]} is not a folder")
+    check_output_location(args.out, "--out", folder=False)  # save_figure creates the missing folders
+    plotted = plot_feature_stats_of_runs(args.run_dirs, args.out, args.columns, not args.separate_y_axes)
+    if not plotted:
+        raise InputError("none of the runs has a feature_stats.json with records (train them with "
+                         "`feature_stats.py train` or `sweep.py --feature-stats`)")
+    print(f"wrote {args.out} ({plotted} of {len(args.run_dirs)} runs)")
+
+
 def main():
     command, argv = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else (None, [])
     if command == "train":
@@ -49,16 +65,8 @@ def main():
             launch(train_with_feature_stats, args)
     elif command == "plot":
         args = plot_argument_parser().parse_args(argv)
-        missing = [d for d in args.run_dirs if not os.path.isdir(d)]
-        if missing:
-            sys.exit(f"feature_stats.py: error: {missing[0]} is not a folder")
-        if os.path.dirname(args.out):
-            os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        plotted = plot_feature_stats_of_runs(args.run_dirs, args.out, args.columns, not args.separate_y_axes)
-        if not plotted:
-            sys.exit("feature_stats.py: error: none of the runs has a feature_stats.json with records "
-                     "(train them with `feature_stats.py train` or `sweep.py --feature-stats`)")
-        print(f"wrote {args.out} ({plotted} of {len(args.run_dirs)} runs)")
+        with exit_on_input_error("feature_stats.py"):
+            plot(args)
     else:
         sys.exit(__doc__)
 

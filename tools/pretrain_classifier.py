@@ -21,6 +21,7 @@ from gn_det.analysis.pretrain import (
     summary_path,
 )
 from gn_det.errors import InputError, exit_on_input_error
+from gn_det.fileio import check_output_location
 
 
 def argument_parser():
@@ -30,8 +31,8 @@ def argument_parser():
     parser.add_argument("--iters", type=int, default=400, help="SGD iterations (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=64, help="crops per iteration (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=0.05, help="peak LR of the warm-up + cosine schedule")
-    parser.add_argument("--data", default=None, help=f"pretraining shapes folder, generated if absent "
-                                                     f"(default: {pretrain_data_root()})")
+    parser.add_argument("--data", default=None, help="pretraining shapes folder, generated if absent (default: one "
+                                                     f"per image count, e.g. {pretrain_data_root()})")
     parser.add_argument("--num-train", type=int, default=1000, help="images generated for training (default: 1000)")
     parser.add_argument("--num-val", type=int, default=200, help="images generated for validation (default: 200)")
     parser.add_argument("--seed", type=int, default=0, help="initialization and sampling seed (default: 0)")
@@ -42,8 +43,10 @@ def main():
     args = argument_parser().parse_args()
     if not args.out.endswith((".pth", ".pt")):
         raise InputError(f"--out {args.out} must end in .pth or .pt (a torch.save state dict)")
-    check_pretrain_settings(args.iters, args.batch_size)  # before the data is generated
+    check_pretrain_settings(args.iters, args.batch_size, args.lr)  # before the data is generated
+    check_output_location(args.out, "--out", folder=False)
     setup_logger(name="gn_det", abbrev_name="gn_det")
+    # Checks --num-train/--num-val and an existing --data folder before generating anything.
     data = ensure_pretrain_data(args.data, num_train=args.num_train, num_val=args.num_val)
     result = pretrain_and_save(args.norm, data, args.out, iters=args.iters, batch_size=args.batch_size, lr=args.lr,
                                seed=args.seed)

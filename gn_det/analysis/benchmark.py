@@ -35,6 +35,8 @@ import time
 
 from tabulate import tabulate
 
+from gn_det.errors import InputError
+
 D2_GN_CONFIG = "detectron2://Misc/mask_rcnn_R_50_FPN_3x_gn.yaml"
 GN_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x_gn.yaml"
 SWITCHES = ["MODEL.PRECISION", "bf16", "MODEL.CHANNELS_LAST", "True"]
@@ -122,6 +124,24 @@ def build_parser():
                              "export: detectron2's export protocol, inference only, one image per call before mask "
                              "pasting (eager and exported variants alike)")
     return parser
+
+
+def check_device(device):
+    """An InputError naming ``--device`` unless it is ``cpu`` or a CUDA device this machine has: each variant's
+    process would otherwise fail on it, one after the other."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:  # torch's message for an unparsable device string
+        raise InputError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {device}: only cpu and cuda are benchmarked")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device}: CUDA is not available on this machine")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def chosen_variants(args):

@@ -5,12 +5,12 @@ show that with normalization the distribution stays stable. :class:`gn_det.analy
 FeatureStatsHook` records them into ``OUTPUT_DIR/feature_stats.json``; this module computes percentiles, reads
 the files back and plots several runs side by side.
 """
-import json
 import os
 
 import torch
 
-from gn_det.fileio import save_figure, write_json_atomically
+from gn_det.errors import InputError
+from gn_det.fileio import read_json, save_figure, write_json_atomically
 
 FEATURE_STATS_FILE = "feature_stats.json"
 PERCENTILES = (1, 20, 80, 99)  # Figure 3's
@@ -31,9 +31,18 @@ def feature_percentiles(tensor, percentiles=PERCENTILES):
 
 
 def read_feature_stats(run_dir):
-    """The contents of ``run_dir/feature_stats.json``: {"layer", "where", "percentiles", "records": [...]}."""
-    with open(os.path.join(run_dir, FEATURE_STATS_FILE)) as f:
-        return json.load(f)
+    """The contents of ``run_dir/feature_stats.json``: {"layer", "where", "percentiles", "records": [...]}; an
+    InputError naming the file when it is not JSON (e.g. truncated) or lacks one of those keys."""
+    path = os.path.join(run_dir, FEATURE_STATS_FILE)
+    stats = read_json(path, "feature stats file")
+    keys = ("layer", "where", "percentiles", "records")
+    missing = [key for key in keys if not isinstance(stats, dict) or key not in stats]
+    if missing:
+        raise InputError(f"feature stats file {path} lacks {', '.join(missing)}: not one the feature stats hook "
+                         "wrote")
+    if not isinstance(stats["records"], list):
+        raise InputError(f"feature stats file {path}: records is not a list")
+    return stats
 
 
 def write_feature_stats(run_dir, stats):

@@ -28,7 +28,7 @@ from gn_det.checkpoint.convert import (
 )
 from gn_det.data import SHAPES_CLASSES, ensure_shapes, shapes_root
 from gn_det.errors import InputError
-from gn_det.fileio import atomic_write, write_json_atomically
+from gn_det.fileio import atomic_write, read_json, write_json_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +46,45 @@ SCRATCH_CONFIGS = {"GN": "mask_rcnn_R_18_FPN_gn.yaml", "BN": "mask_rcnn_R_18_FPN
 WEIGHTS_NAMES = {"GN": "shapes_resnet18_gn", "BN": "shapes_resnet18_bn"}  # + .pth (state dict), .pkl (converted)
 
 
-def pretrain_data_root():
-    """Where the pretraining shapes are generated: next to the detection dataset, named after the seed."""
-    return f"{shapes_root()}_pretrain_seed{PRETRAIN_SEED}"
+def pretrain_data_root(num_train=1000, num_val=200):
+    """Where the pretraining shapes of ``num_train`` + ``num_val`` images are generated: next to the detection
+    dataset, named after the seed and the counts (a folder is never regenerated, so other counts need their own)."""
+    return f"{shapes_root()}_pretrain_seed{PRETRAIN_SEED}_{num_train}x{num_val}"
 
 
 def ensure_pretrain_data(root=None, num_train=1000, num_val=200):
-    """Generate the pretraining shapes (256 px, seed ``PRETRAIN_SEED``) into ``root`` unless already there."""
-    return ensure_shapes(root or pretrain_data_root(), num_train=num_train, num_val=num_val, seed=PRETRAIN_SEED)
+    """Generate the pretraining shapes (256 px, seed ``PRETRAIN_SEED``) into ``root`` (default
+    :func:`pretrain_data_root` of the counts) unless already there; returns the absolute folder.
+
+    An InputError, before anything is written, when a count is below 1, or ``root`` exists but is not a complete
+    shapes dataset of ``num_train`` training and ``num_val`` validation images.
+    """
+    for name, value in (("num_train", num_train), ("num_val", num_val)):
+        if value < 1:
+            raise InputError(f"{name}={value} must be >= 1 (images to generate)")
+    root = os.path.abspath(root or pretrain_data_root(num_train, num_val))
+    if not os.path.exists(root):
+        # Checked after: another process may have generated the folder, with its own counts, while this one waited.
+        ensure_shapes(root, num_train=num_train, num_val=num_val, seed=PRETRAIN_SEED)
+    check_pretrain_data(root, num_train, num_val)
+    return root
+
+
+def check_pretrain_data(root, num_train, num_val):
+    """An InputError naming ``root`` unless it is a complete shapes dataset of ``num_train`` training and
+    ``num_val`` validation images (ensure_shapes never regenerates an existing folder)."""
+    split_files = {split: os.path.join(root, f"{split}.json") for split in ("train", "val")}
+    if not os.path.isdir(root) or not all(os.path.isfile(f) for f in split_files.values()):
+        raise InputError(f"pretraining data {root} exists but is not a complete shapes dataset (no train.json and "
+                         "val.json); remove it to regenerate, or name another folder")
+    for (split, path), wanted in zip(split_files.items(), (num_train, num_val)):
+        coco = read_json(path, "pretraining data")
+        images = coco.get("images") if isinstance(coco, dict) else None
+        if not isinstance(images, list):
+            raise InputError(f"pretraining data {path} is not a COCO file (no \"images\" list)")
+        if len(images) != wanted:
+            raise InputError(f"pretraining data {root} holds {len(images)} {split} images, not the {wanted} asked "
+                             "for (num_train/num_val); remove it to regenerate, or name another folder")
 
 
 def instance_crops(json_file, image_dir, size=CROP_SIZE + CROP_PADDING, context=CONTEXT):
@@ -152,7 +183,7 @@ def pretrain_classifier(norm, train_data, val_data, iters=400, batch_size=64, lr
                         log_period=50):
     """Train :func:`build_classifier` (``norm``) on ``train_data`` = (crops, labels) from :func:`instance_crops`
     with SGD (momentum 0.9), warm-up + cosine LR, random crops and flips; report accuracy on ``val_data``."""
-    check_pretrain_settings(iters, batch_size)
+    check_pretrain_settings(iters, batch_size, lr)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = build_classifier(norm)
@@ -189,11 +220,14 @@ def classifier_accuracy(model, images, labels, batch_size=256):
     return correct / len(labels)
 
 
-def check_pretrain_settings(iters, batch_size):
-    """An InputError naming the setting when there would be nothing to train."""
+def check_pretrain_settings(iters, batch_size, lr=0.05):
+    """An InputError naming the setting when there would be nothing to train, or the learning rate is not
+    positive."""
     for name, value in (("iters", iters), ("batch_size", batch_size)):
         if value < 1:
             raise InputError(f"{name}={value} must be >= 1")
+    if not (lr > 0 and math.isfinite(lr)):  # NaN fails both comparisons
+        raise InputError(f"lr={lr} must be a finite number > 0")
 
 
 def pretrain_and_save(norm, data_root, path, **train_kwargs):
