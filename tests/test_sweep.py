@@ -1,14 +1,27 @@
-"""tools/sweep.py: grid expansion and cell naming, per-cell options, and a real two-cell sweep run twice."""
+"""tools/sweep.py: grid expansion and cell naming, per-cell options, cells started with other options (with a
+stand-in trainer), and a real two-cell sweep run twice."""
 import csv
+import json
 import os
+import sys
 
 import pytest
 
 pytest.importorskip("detectron2")
 pytestmark = pytest.mark.slow  # tool subprocesses and training runs
 
-from conftest import CONFIG_DIR, tool_main  # noqa: E402
-from gn_det.analysis.sweep import Cell, expand_grid, norm_label  # noqa: E402
+from conftest import CONFIG_DIR, tool_exit_message, tool_main  # noqa: E402
+from gn_det.analysis.sweep import (  # noqa: E402
+    Cell,
+    check_sweep_options,
+    expand_grid,
+    norm_label,
+    read_results,
+    run_sweep,
+    sweep_markdown,
+    write_sweep_csv,
+)
+from gn_det.errors import InputError  # noqa: E402
 from gn_det.config import get_gn_cfg  # noqa: E402
 from gn_det.data import generate_shapes  # noqa: E402
 from gn_det.solver import scale_schedule_linearly  # noqa: E402
@@ -92,8 +105,8 @@ def test_two_cell_sweep_trains_once_then_only_reprints_tables_and_resumes_what_i
                                                                                               sweep):
     out = tmp_path / "sweep"
     # the shapes schedule is for 4 images per batch; with the reference at 2, MAX_ITER 2 is 2 iterations
-    args = ["--norms", "GN", "BN*", "--ims", "2", "--out", str(out), "--feature-stats", "--feature-period", "1",
-            *tiny_shapes, *SMALL, "SOLVER.REFERENCE_IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2"]
+    opts = [*tiny_shapes, *SMALL, "SOLVER.REFERENCE_IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2"]
+    args = ["--norms", "GN", "BN*", "--ims", "2", "--out", str(out), "--feature-stats", "--feature-period", "1", *opts]
     first = sweep(*args)
     cells = ["norm=GN,G=32,ims=2", "norm=BNstar,ims=2"]
     for cell in cells:
@@ -123,6 +136,92 @@ def test_two_cell_sweep_trains_once_then_only_reprints_tables_and_resumes_what_i
     assert "Starting training from iteration 2" in (out / cells[1] / "log.txt").read_text()
     assert (out / cells[1] / "results.json").exists() and snapshot(str(out / cells[0])) == before[cells[0]]
 
-    listing = sweep("--dry-run", "--norms", "GN", "BN*", "SyncBN", "--ims", "1", "2", "--out", str(out))
+    listing = sweep("--dry-run", "--norms", "GN", "BN*", "SyncBN", "--ims", "1", "2", "--out", str(out), *opts)
     assert "norm=GN,G=32,ims=2: finished" in listing and "norm=GN,G=32,ims=1: to train" in listing
     assert "norm=SyncBN,ims=1: unsupported" in listing
+
+
+def test_options_for_every_cell_may_not_set_what_each_cell_sets(tmp_path):
+    cells = expand_grid(["GN"], [1, 2, 4], groups=[8, 32])
+    for key, value in [("SOLVER.IMS_PER_BATCH", "2"), ("MODEL.GN.NUM_GROUPS", "16"), ("MODEL.FPN.NORM", "BN"),
+                       ("SOLVER.LINEAR_LR_SCALING", "False"), ("MODEL.GN", "{}")]:
+        with pytest.raises(InputError, match=f"^command line: {key} is set by each cell of the sweep"):
+            check_sweep_options(cells, GN_SHAPES, ["SOLVER.BASE_LR", "0.1", key, value])
+    check_sweep_options(cells, GN_SHAPES, ["MODEL.GN.EPS", "0.0001", "SOLVER.REFERENCE_IMS_PER_BATCH", "2"])
+    out = tmp_path / "sweep"
+    message = tool_exit_message("sweep.py", "--norms", "GN", "--groups", "8", "--ims", "1", "--out", out,
+                                "SOLVER.IMS_PER_BATCH", "2", "MODEL.GN.NUM_GROUPS", "16")
+    assert "SOLVER.IMS_PER_BATCH is set by each cell" in message and not out.exists()
+
+
+# Stands in for tools/train_net.py: the first call leaves a checkpoint and fails (an interrupted run), the
+# second finishes with results.
+FAKE_TRAIN = """
+import json, os, sys
+out = sys.argv[sys.argv.index("OUTPUT_DIR") + 1]
+os.makedirs(out, exist_ok=True)
+with open(os.path.join(out, "calls.jsonl"), "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\\n")
+if not os.path.exists(os.path.join(out, "last_checkpoint")):
+    open(os.path.join(out, "last_checkpoint"), "w").write("model_0000099.pth")
+    sys.exit("interrupted")
+open(os.path.join(out, "model_final.pth"), "w").write("x")
+json.dump({"shapes_val": {"bbox": {"AP": 50.0}, "segm": {"AP": 40.0}}}, open(os.path.join(out, "results.json"), "w"))
+"""
+SHORT = ["SOLVER.MAX_ITER", "150", "SOLVER.STEPS", "(120,140)"]
+
+
+@pytest.fixture
+def fake_train(tmp_path):
+    script = tmp_path / "fake_train.py"
+    script.write_text(FAKE_TRAIN)
+    return [sys.executable, str(script)]
+
+
+def statuses(reports):
+    return [(r.cell.name, r.status) for r in reports]
+
+
+def test_a_cell_interrupted_with_other_options_is_not_resumed_and_keeps_its_record(tmp_path, fake_train, sweep):
+    out, cells = tmp_path / "sweep", expand_grid(["GN"], [4])
+    run_dir = out / cells[0].name
+    assert statuses(run_sweep(cells, str(out), GN_SHAPES, fake_train, SHORT))[-1] == (cells[0].name, "failed")
+    record = (run_dir / "sweep_cell.json").read_text()
+
+    reports = list(run_sweep(cells, str(out), GN_SHAPES, fake_train, []))
+    assert statuses(reports) == [(cells[0].name, "other options")]
+    assert "interrupted run started with other options" in reports[0].detail and "not resumed" in reports[0].detail
+    assert len((run_dir / "calls.jsonl").read_text().splitlines()) == 1 and not (run_dir / "results.json").exists()
+    assert (run_dir / "sweep_cell.json").read_text() == record
+    listing = sweep("--dry-run", "--norms", "GN", "--ims", "4", "--out", out)
+    assert f"{cells[0].name}: not trained: interrupted run started with other options" in listing
+
+    # with its own options it resumes as before
+    assert statuses(run_sweep(cells, str(out), GN_SHAPES, fake_train, SHORT)) == [
+        (cells[0].name, "started"), (cells[0].name, "trained")]
+    assert json.loads((run_dir / "calls.jsonl").read_text().splitlines()[-1])[-len(SHORT) - 2:-2] == SHORT
+
+
+def test_a_cell_finished_with_other_options_stays_out_of_the_tables(tmp_path, fake_train, sweep):
+    out = tmp_path / "sweep"
+    for _ in range(2):  # the stand-in finishes on its second call
+        list(run_sweep(expand_grid(["GN"], [4]), str(out), GN_SHAPES, fake_train, SHORT))
+    cells = expand_grid(["GN", "GN+WS"], [4])
+    for _ in range(2):
+        reports = list(run_sweep(cells, str(out), GN_SHAPES, fake_train, []))
+    assert statuses(reports) == [("norm=GN,G=32,ims=4", "other options"), ("norm=GN+WS,G=32,ims=4", "started"),
+                                 ("norm=GN+WS,G=32,ims=4", "trained")]
+    results = read_results(cells, str(out), GN_SHAPES, [])
+    table = sweep_markdown(results, reports)
+    assert "| GN (G=32)    | – / –" in table and "| GN+WS (G=32) | 50.0 / 40.0" in table
+    assert "- norm=GN,G=32,ims=4: finished run started with other options" in table
+    write_sweep_csv(results, str(tmp_path / "sweep.csv"))
+    rows = list(csv.DictReader((tmp_path / "sweep.csv").open()))
+    assert [(r["cell"], r["bbox/AP"]) for r in rows] == [("norm=GN,G=32,ims=4", ""), ("norm=GN+WS,G=32,ims=4", "50.0")]
+    # the sweep it was trained in still reads it
+    assert read_results(cells[:1], str(out), GN_SHAPES, SHORT)[0].metric("bbox/AP") == 50.0
+
+    # tools/sweep.py: nothing left to train; the cell is named as not trained and kept out of the tables
+    printed = sweep("--norms", "GN", "--ims", "4", "--out", out, "--name", "full")
+    assert "norm=GN,G=32,ims=4: not trained: finished run started with other options" in printed
+    assert "| GN (G=32) | – / –" in (out / "full.md").read_text()

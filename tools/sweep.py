@@ -11,9 +11,11 @@ docs/RESULTS.md has the experiments' commands and their cost on a 2-core CPU.
 Every cell is one tools/train_net.py run in OUT/<cell>, e.g. OUT/norm=GN,G=32,ims=4, with SOLVER.LINEAR_LR_SCALING
 on: the base config's schedule is for SOLVER.REFERENCE_IMS_PER_BATCH images per batch (4 in configs/shapes), and
 other batch sizes get the LR x N/4 and the iterations x 4/N. Trailing KEY VALUE options go to every cell (at the
-reference batch size: SOLVER.MAX_ITER 100 means 400 iterations at 1 image per batch). Running the same command
-again skips finished cells, resumes unfinished ones, and rewrites the tables OUT/NAME.{md,csv,png} (--name, default
-sweep). Sweeps may share OUT: a cell in several grids trains once.
+reference batch size: SOLVER.MAX_ITER 100 means 400 iterations at 1 image per batch); the keys each cell sets
+itself (norms, MODEL.GN.*, SOLVER.IMS_PER_BATCH, SOLVER.LINEAR_LR_SCALING) are refused there. Running the same
+command again skips finished cells, resumes unfinished ones, and rewrites the tables OUT/NAME.{md,csv,png} (--name,
+default sweep). Sweeps may share OUT: a cell in several grids trains once. A cell whose folder holds a run started
+with other options, finished or interrupted, is left as it is and out of the tables.
 """
 import argparse
 import os
@@ -25,9 +27,12 @@ from gn_det.analysis.feature_stats import plot_feature_stats_of_runs
 from gn_det.analysis.sweep import (
     GROUPED_NORMS,
     NORM_SLUGS,
+    cell_command,
     check_sweep_options,
     expand_grid,
     has_checkpoint,
+    other_options_detail,
+    other_options_state,
     read_results,
     run_finished,
     run_sweep,
@@ -75,9 +80,13 @@ def train_command(args):
     return command + (["--layer", args.feature_layer] if args.feature_layer else [])
 
 
-def describe(cell, run_dir):
+def describe(cell, run_dir, args):
     if cell.unsupported_reason():
         return f"unsupported: {cell.unsupported_reason()}"
+    command = cell_command(cell, run_dir, args.config, [], args.opts, torch.cuda.device_count())
+    other = other_options_state(run_dir, command)
+    if other:
+        return f"not trained: {other_options_detail(other, run_dir)}"
     if run_finished(run_dir):
         return "finished"
     return "interrupted (resumes from its last checkpoint)" if has_checkpoint(run_dir) else "to train"
@@ -89,7 +98,7 @@ def main():
     check_sweep_options(cells, args.config, args.opts, torch.cuda.device_count())
     if args.dry_run:
         for cell in cells:
-            print(f"{cell.name}: {describe(cell, os.path.join(args.out, cell.name))}")
+            print(f"{cell.name}: {describe(cell, os.path.join(args.out, cell.name), args)}")
         return
 
     reports = []
@@ -100,6 +109,8 @@ def main():
             detail = f" ({report.detail})" if report.detail else ""
             if report.status == "started":
                 print(f"{report.cell.name}: training{detail}, log in {report.run_dir}/log.txt", flush=True)
+            elif report.status == "other options":
+                print(f"{report.cell.name}: not trained: {report.detail}", flush=True)
             elif report.status == "trained":
                 print(f"{report.cell.name}: trained in {report.seconds / 60:.1f} min", flush=True)
             else:
@@ -107,7 +118,7 @@ def main():
     except KeyboardInterrupt:
         sys.exit("sweep.py: interrupted; run the same command again to resume")
 
-    results = read_results(cells, args.out)
+    results = read_results(cells, args.out, args.config, args.opts, torch.cuda.device_count())
     print()
     print(sweep_markdown(results, reports))
     paths = write_sweep_outputs(results, args.out, reports, args.name)

@@ -166,8 +166,9 @@ def has_checkpoint(run_dir):
 
 @dataclasses.dataclass
 class CellReport:
-    """What happened to one cell: ``status`` is "finished" (already done, skipped), "unsupported",
-    "started", "trained" or "failed"; ``detail`` says why or where, ``seconds`` how long it trained."""
+    """What happened to one cell: ``status`` is "finished" (already done, skipped), "other options" (its folder
+    holds a finished or interrupted run started with other options, left as it is), "unsupported", "started",
+    "trained" or "failed"; ``detail`` says why or where, ``seconds`` how long it trained."""
 
     cell: Cell
     run_dir: str
@@ -183,9 +184,26 @@ def cell_command(cell, run_dir, config_file, train_command, opts=(), cuda_device
             *cell.opts(cuda_devices), *opts, "OUTPUT_DIR", run_dir]
 
 
+def cell_keys():
+    """Every config key a cell sets (:meth:`Cell.opts`): the norm sites, MODEL.GN.*, images per batch, LR scaling."""
+    return {key for cell in (Cell("GN", 1, num_groups=1), Cell("GN", 1, dim_per_group=1)) for key in cell.opts()[::2]}
+
+
+def check_trailing_options(opts):
+    """InputError for a KEY of ``opts`` that a cell sets itself (or a parent node of one, e.g. ``MODEL.GN``):
+    coming after the cell's options it would win, and the cell would train with it under its own name."""
+    keys = cell_keys()
+    for key in list(opts)[::2]:
+        if any(k == key or k.startswith(f"{key}.") for k in keys):
+            raise InputError(f"command line: {key} is set by each cell of the sweep (--norms, --groups, "
+                             "--dim-per-group, --ims); remove it from the options for every cell")
+
+
 def check_sweep_options(cells, config_file, opts=(), cuda_devices=0):
-    """Load the config of every supported cell (``config_file``, the cell's options, then ``opts``), so a bad
-    KEY VALUE (unknown key, wrong type, invalid setting) is an InputError before any cell is trained."""
+    """Reject ``opts`` that override a cell's own settings (:func:`check_trailing_options`), then load the config
+    of every supported cell (``config_file``, the cell's options, then ``opts``), so a bad KEY VALUE (unknown key,
+    wrong type, invalid setting) is an InputError before any cell is trained."""
+    check_trailing_options(opts)
     for cell in cells:
         if not cell.unsupported_reason():
             get_gn_cfg(config_file, [*cell.opts(cuda_devices), *opts])
@@ -196,9 +214,11 @@ def run_sweep(cells, out_dir, config_file, train_command, opts=(), cuda_devices=
     (a "started" report before each training, so callers can show progress).
 
     ``opts`` (KEY VALUE ...) go to every cell after the cell's own options. A failed cell does not stop the
-    sweep; its console output is in ``run_dir/console.txt``.
+    sweep; its console output is in ``run_dir/console.txt``. A cell whose folder holds a run started with other
+    options, finished or interrupted, is reported as "other options" and left as it is.
     """
     opts = list(opts)
+    check_trailing_options(opts)
     for cell in cells:
         run_dir = os.path.join(out_dir, cell.name)
         reason = cell.unsupported_reason()
@@ -206,11 +226,13 @@ def run_sweep(cells, out_dir, config_file, train_command, opts=(), cuda_devices=
             yield CellReport(cell, run_dir, "unsupported", reason)
             continue
         command = cell_command(cell, run_dir, config_file, train_command, opts, cuda_devices)
-        recorded = read_cell_file(run_dir)
+        other = other_options_state(run_dir, command)
+        if other:
+            # resuming would continue one setting's checkpoint under another's and overwrite its record
+            yield CellReport(cell, run_dir, "other options", other_options_detail(other, run_dir))
+            continue
         if run_finished(run_dir):
-            changed = recorded is not None and recorded["opts"] != command_opts(command)
-            detail = "started with other options; delete the folder to train it again" if changed else ""
-            yield CellReport(cell, run_dir, "finished", detail)
+            yield CellReport(cell, run_dir, "finished")
             continue
         write_json_atomically(os.path.join(run_dir, CELL_FILE),
                               {"cell": cell.name, "opts": command_opts(command), "command": command})
@@ -239,6 +261,39 @@ def command_opts(command):
     return command[command.index("--config-file"):]
 
 
+def comparable_opts(opts):
+    """A cell's recorded options without what only spells the same run differently: the OUTPUT_DIR (the cell's
+    folder, however ``--out`` was written) and a relative config path."""
+    opts = list(opts)
+    if "OUTPUT_DIR" in opts:
+        at = len(opts) - 1 - opts[::-1].index("OUTPUT_DIR")
+        del opts[at:at + 2]
+    if "--config-file" in opts:
+        at = opts.index("--config-file") + 1
+        opts[at] = os.path.abspath(opts[at])
+    return opts
+
+
+def other_options_state(run_dir, command):
+    """ "finished" or "interrupted" when ``run_dir`` holds a finished run, or one with a checkpoint to resume, that
+    its sweep_cell.json says was started with options other than ``command``'s; None otherwise (also without a
+    record)."""
+    recorded = read_cell_file(run_dir)
+    if recorded is None or comparable_opts(recorded["opts"]) == comparable_opts(command_opts(command)):
+        return None
+    if run_finished(run_dir):
+        return "finished"
+    return "interrupted" if has_checkpoint(run_dir) else None
+
+
+def other_options_detail(state, run_dir):
+    """The one-line note for a cell whose folder holds a ``state`` ("finished"/"interrupted") run with other
+    options."""
+    kept = "not in the tables" if state == "finished" else "not resumed"
+    return (f"{state} run started with other options (see {os.path.join(run_dir, CELL_FILE)}), {kept}; "
+            "delete the folder to train it with these options")
+
+
 def read_cell_file(run_dir):
     path = os.path.join(run_dir, CELL_FILE)
     if not os.path.isfile(path):
@@ -261,18 +316,27 @@ def train_net_command(tools_dir):
 @dataclasses.dataclass
 class CellResult:
     cell: Cell
-    run: Optional[Run]  # None until the cell has finished
+    run: Optional[Run]  # None until the cell has finished with the sweep's options
+    note: str = ""  # why a cell without a run has none, when it is not just unfinished
 
     def metric(self, key):
         return self.run.metric(key) if self.run else None
 
 
-def read_results(cells, out_dir):
-    """A :class:`CellResult` per cell; cells that have not finished carry no run."""
+def read_results(cells, out_dir, config_file, opts=(), cuda_devices=0):
+    """A :class:`CellResult` per cell of a sweep run with ``config_file`` and ``opts`` (as :func:`run_sweep`);
+    cells that have not finished, or finished with other options, carry no run."""
     results = []
     for cell in cells:
         run_dir = os.path.join(out_dir, cell.name)
-        results.append(CellResult(cell, Run(run_dir, name=cell.name) if run_finished(run_dir) else None))
+        # A cell from another sweep sharing OUT (e.g. a shorter schedule) is left out of the values rather than
+        # flagged: a researcher reads and copies the tables' numbers as one comparison, and a footnote is easily
+        # lost; the notes say which cell is missing and why.
+        other = other_options_state(run_dir, cell_command(cell, run_dir, config_file, [], opts, cuda_devices))
+        if other:
+            results.append(CellResult(cell, None, other_options_detail(other, run_dir)))
+        else:
+            results.append(CellResult(cell, Run(run_dir, name=cell.name) if run_finished(run_dir) else None))
     return results
 
 
@@ -317,7 +381,7 @@ def sweep_markdown(results, reports=()):
         parts += ["", "Box AP / mask AP by group setting:", "", table]
     missing = {report.cell: report for report in reports if report.status in ("unsupported", "failed")}
     notes = [f"- {r.cell.name}: {missing[r.cell].status}: {missing[r.cell].detail}" if r.cell in missing
-             else f"- {r.cell.name}: not finished" for r in results if r.run is None]
+             else f"- {r.cell.name}: {r.note or 'not finished'}" for r in results if r.run is None]
     if notes:
         parts += ["", "Cells without results:", "", *notes]
     return "\n".join(parts) + "\n"
