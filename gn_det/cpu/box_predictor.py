@@ -32,6 +32,9 @@ def top_scores_first_inference_single_image(boxes, scores, image_shape, score_th
     detectron2's, except that detections with exactly equal scores may come in another order, and where such a
     tie straddles the ``topk_per_image``-th place another of them may be kept (detectron2's own order among
     equal scores comes from an unstable sort and depends on how many pairs torchvision's batched NMS sees).
+    For the same reason a pair whose IoU lies within float rounding (~1e-4) of ``nms_thresh`` may be decided
+    otherwise: torchvision's CPU batched NMS offsets boxes by class up to 1000 boxes and loops over classes above,
+    and the offset costs a few thousandths of a pixel; detectron2 itself decides such a pair by its pair count.
     """
     if topk_per_image >= 0:
         foreground = scores[:, :-1].flatten()  # the last column is background
