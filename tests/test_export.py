@@ -430,7 +430,8 @@ def test_export_tool_refuses_bad_input_in_one_line_before_writing(tiny_run, tmp_
 @pytest.mark.slow
 def test_run_eval_checks_the_test_set_before_writing(tiny_run, tmp_path):
     """--run-eval's test set is checked as a run checks its datasets before the export replaces an earlier
-    file: an empty DATASETS.TEST, an unregistered one, one whose files are gone."""
+    file: an empty DATASETS.TEST, an unregistered one, one whose files are gone, one without the segmentations
+    the mask model is evaluated against."""
     from gn_det.data import register_datasets
 
     data = tmp_path / "gone"
@@ -438,6 +439,10 @@ def test_run_eval_checks_the_test_set_before_writing(tiny_run, tmp_path):
     (data / "val.json").write_text(open(tiny_run["val_json"]).read())
     register_datasets(f"export_gone_val={data}/val.json,{tiny_run['val']}")
     os.remove(data / "val.json")
+    coco = json.loads(open(tiny_run["val_json"]).read())
+    del coco["annotations"][0]["segmentation"]
+    (tmp_path / "boxes_only.json").write_text(json.dumps(coco))
+    register_datasets(f"export_boxes_only_val={tmp_path}/boxes_only.json,{tiny_run['val']}")
     out = tmp_path / "x"
     out.mkdir()
     (out / "model.onnx").write_bytes(b"an earlier export")
@@ -445,7 +450,9 @@ def test_run_eval_checks_the_test_set_before_writing(tiny_run, tmp_path):
     opts = SMALL + FP32 + ["MODEL.WEIGHTS", tiny_run["weights"], "DATASETS.REGISTER", str(tiny_run["register"])]
     for test_sets, problem in [("()", "DATASETS.TEST is empty"),
                                ("('nope_val',)", "DATASETS.TEST names dataset 'nope_val', which is not registered"),
-                               ("('export_gone_val',)", f"json_file {data}/val.json does not exist")]:
+                               ("('export_gone_val',)", f"json_file {data}/val.json does not exist"),
+                               ("('export_boxes_only_val',)", f"annotation {coco['annotations'][0]['id']!r} has no "
+                                                             "segmentation")]:
         line = tool_exit_message("export_model.py", "--config-file", SHAPES_GN, "--format", "onnx", "--output", out,
                                  "--sample-image", sample, "--run-eval", *opts, "DATASETS.TEST", test_sets)
         assert problem in line, line

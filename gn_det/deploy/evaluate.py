@@ -21,11 +21,12 @@ def test_dataset(config_file, opts=(), dataset=None, evaluating=False):
     """``(config, dataset name)`` of the config's test set (``DATASETS.TEST[0]`` /
     ``dataloader.test.dataset.names``, or ``dataset``), checked as a run checks the datasets it reads
     (:func:`gn_det.engine.check_dataset`); with ``evaluating``, a Python config must also have
-    ``dataloader.evaluator``. Nothing is read but the config, nothing is written."""
+    ``dataloader.evaluator``, and a model that predicts masks needs the test set's segmentations. Nothing is read
+    but the config, nothing is written."""
     from gn_det.engine import check_dataset
 
     if config_file.endswith(".py"):
-        from gn_det.engine.lazy_train import dataset_names
+        from gn_det.engine.lazy_train import dataset_names, predicts_masks
 
         cfg = load_lazy_config(config_file, opts)
         needed = ("test", "evaluator") if evaluating else ("test",)
@@ -39,14 +40,16 @@ def test_dataset(config_file, opts=(), dataset=None, evaluating=False):
         if not names:
             raise InputError(f"{config_file}: dataloader.test.dataset.names is empty; name a test dataset")
         for key, name in names:
-            check_dataset(name, key, config_file, register_hint=LAZY_REGISTER_HINT)
+            check_dataset(name, key, config_file, register_hint=LAZY_REGISTER_HINT,
+                          masks=evaluating and predicts_masks(cfg))
         return cfg, names[0][1]
     cfg = get_gn_cfg(config_file, list(opts))
     register_datasets(cfg.DATASETS.REGISTER)
     name = dataset or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None)
     if name is None:
         raise InputError(f"{config_file}: DATASETS.TEST is empty; name a test dataset")
-    check_dataset(name, "dataset" if dataset else "DATASETS.TEST", config_file, register_hint=YAML_REGISTER_HINT)
+    check_dataset(name, "dataset" if dataset else "DATASETS.TEST", config_file, register_hint=YAML_REGISTER_HINT,
+                  masks=evaluating and cfg.MODEL.MASK_ON)
     return cfg, name
 
 

@@ -54,6 +54,11 @@ def dataset_names(cfg, split):
     return [(key, name) for name in ([names] if isinstance(names, str) else (names or []))]
 
 
+def predicts_masks(cfg):
+    """Whether the LazyConfig's model predicts masks (its ROI heads have a mask head)."""
+    return OmegaConf.select(cfg, "model.roi_heads.mask_head", default=None) is not None
+
+
 def load_lazy_run_config(args):
     """The LazyConfig of ``args`` (``--config-file``, ``--dataset``, ``KEY=VALUE`` overrides) and its
     :class:`~gn_det.engine.run.RunSettings`; CUDA named where there is none becomes the CPU."""
@@ -77,7 +82,7 @@ def load_lazy_run_config(args):
         test_datasets=dataset_names(cfg, "test") if evaluates else [],
         weights=("train.init_checkpoint", cfg.train.init_checkpoint or ""),
         output_dir=cfg.train.output_dir, seed=OmegaConf.select(cfg, "train.seed", default=-1),
-        masks=OmegaConf.select(cfg, "model.roi_heads.mask_head", default=None) is not None,
+        masks=predicts_masks(cfg),
         adjustments=adjustments,
     )
     return cfg, settings

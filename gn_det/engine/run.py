@@ -110,9 +110,9 @@ def check_run(settings, world_size, training):
         )
 
 
-def check_dataset(name, key, source, register_hint=REGISTER_HINT):
+def check_dataset(name, key, source, register_hint=REGISTER_HINT, masks=False):
     """Fail before anything is written when dataset ``name`` (read from config key ``key``) is unknown or its
-    files are gone."""
+    files are gone, or, for a model that predicts masks (``masks``), lacks a segmentation."""
     if name not in DatasetCatalog.list():
         raise InputError(
             f"{source}: {key} names dataset {name!r}, which is not registered (register it with {register_hint})"
@@ -127,15 +127,15 @@ def check_dataset(name, key, source, register_hint=REGISTER_HINT):
                 f"{source}: {key} dataset {name!r}: {field} {path} does not exist "
                 "(for COCO, set DETECTRON2_DATASETS to the folder holding coco/)"
             )
+    if masks:
+        check_segmentations(name, f"{source}: {key}")
 
 
 def check_datasets(settings, training=True):
     """:func:`check_dataset` for every dataset the run reads: the test sets (evaluated after training too),
-    and the training sets when ``training``; for a model that predicts masks, their segmentations."""
+    and the training sets when ``training``."""
     for key, name in (settings.train_datasets if training else []) + settings.test_datasets:
-        check_dataset(name, key, settings.source)
-        if settings.masks:
-            check_segmentations(name, f"{settings.source}: {key}")
+        check_dataset(name, key, settings.source, masks=settings.masks)
 
 
 def weights_to_load(output_dir, weights, resume, weights_key="MODEL.WEIGHTS"):
