@@ -231,7 +231,7 @@ def check_norm_site_builders(cfg, source="config"):
     own_gn = gn.DIM_PER_GROUP > 0 or gn.NUM_GROUPS != 32 or gn.EPS != 1e-5 or gn.WS
     for site, builder_key, registry, built in NORM_SITE_BUILDERS:
         value = select(cfg, site)
-        ignored = (value == "GN" and own_gn) or (site == "MODEL.RPN.NORM" and value not in ("", "none"))
+        ignored = (value == "GN" and own_gn) or (site == "MODEL.RPN.NORM" and value != "")
         builder = select(cfg, builder_key)
         if ignored and built(cfg) and not getattr(dict(registry).get(builder), "follows_model_gn", False):
             what = "MODEL.GN" if value == "GN" and own_gn else site

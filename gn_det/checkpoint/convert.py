@@ -361,7 +361,8 @@ def check_weights_for_model(model, checkpoint, name="weights"):
     model_state_dict = model.state_dict()
     match = match_weights(model_state_dict, weights)
     holds = f"{name} holds ResNet-{meta['depth']} {meta['norm']} weights ({meta['source']})" if meta else name
-    context = f"{holds}; the model has {describe_resnet(model)}"
+    if match.missing or match.unused:
+        context = f"{holds}; the model has {describe_resnet(model, model_state_dict)}"
     if match.missing:
         key = match.missing[0]
         if key in match.wrong_shape:
@@ -400,10 +401,10 @@ def check_group_norms(model, trained, holds):
                 )
 
 
-def describe_resnet(model):
-    """``ResNet-<depth> with <stem norm class>`` of a model's ResNet (its stem and res2-res5 parameters)."""
-    names = [re.sub(r"^.*?\b(?=(stem|res[2-5])\.)", "", key)
-             for key in model.state_dict() if RESNET_MODEL_KEY.search(key)]
+def describe_resnet(model, state_dict):
+    """``ResNet-<depth> with <stem norm class>`` of a model's ResNet (its stem and res2-res5 parameters, from the
+    model's ``state_dict``)."""
+    names = [re.sub(r"^.*?\b(?=(stem|res[2-5])\.)", "", key) for key in state_dict if RESNET_MODEL_KEY.search(key)]
     depth = next((d for d, structure in RESNET_DEPTHS.items() if structure == resnet_structure(names)), None)
     stem_norm = next((type(m).__name__ for n, m in model.named_modules() if n.endswith("stem.conv1.norm")), "no norm")
     return f"{'ResNet-' + str(depth) if depth else 'a ResNet of another depth'} with {stem_norm}"
