@@ -50,6 +50,26 @@ def atomic_paths(*paths):
         raise
 
 
+@contextlib.contextmanager
+def staged_folder(folder):
+    """A new hidden folder inside ``folder`` for a step that writes several files and can fail after writing
+    the first (an export and its evaluation): when the block ends without an error its files move into
+    ``folder`` (each by one rename, subfolders merged), else it is removed and ``folder`` is left as it was."""
+    import tempfile
+
+    os.makedirs(folder, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".staging.", dir=folder)
+    try:
+        yield staging
+        for root, _, files in os.walk(staging):
+            target = os.path.join(folder, os.path.relpath(root, staging))
+            os.makedirs(target, exist_ok=True)
+            for name in files:
+                os.replace(os.path.join(root, name), os.path.join(target, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def out_of_space(err):
     """Whether ``err`` is a full disk, or was raised while handling one: torch's zip writer reports a failed
     write of the Python file it writes to as a RuntimeError of its own, the OSError as its context."""

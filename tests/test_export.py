@@ -461,7 +461,8 @@ def test_run_eval_checks_the_test_set_before_writing(tiny_run, tmp_path):
 
 @pytest.mark.slow
 def test_run_eval_names_an_undecodable_test_image_in_one_line(tiny_run, tmp_path):
-    """--run-eval reads the test set as train_net --eval-only does: a truncated image is one line naming it."""
+    """--run-eval reads the test set as train_net --eval-only does: a truncated image is one line naming it, and
+    an earlier export in the output folder is left as it was."""
     import shutil
 
     data = tmp_path / "data"
@@ -473,9 +474,13 @@ def test_run_eval_names_an_undecodable_test_image_in_one_line(tiny_run, tmp_path
     opts = SMALL + FP32 + ["MODEL.WEIGHTS", tiny_run["weights"], "DATASETS.REGISTER",
                            f"['export_truncated_val={data}/val.json,{data}/val']",
                            "DATASETS.TEST", "('export_truncated_val',)"]
-    line = tool_exit_message("export_model.py", "--config-file", SHAPES_GN, "--output", tmp_path / "x",
-                             "--run-eval", *opts)
+    out = tmp_path / "x"
+    out.mkdir()
+    (out / "model.ts").write_bytes(b"an earlier export")
+    line = tool_exit_message("export_model.py", "--config-file", SHAPES_GN, "--output", out, "--run-eval", *opts)
     assert f"image {broken} of dataset 'export_truncated_val' cannot be decoded" in line, line
+    # the export and its evaluation were staged: the earlier export is as it was, and nothing else is there
+    assert os.listdir(out) == ["model.ts"] and (out / "model.ts").read_bytes() == b"an earlier export"
 
 
 @pytest.mark.slow

@@ -345,9 +345,10 @@ def export_from_config(config_file, fmt, output_dir, opts=(), target="onnxruntim
     file in ``output_dir``; with ``run_eval``, its COCO AP on the config's test set, run from the file.
     ``openvino-int8`` calibrates on the first ``calibration_images`` images of the training set.
     Returns ``(path, metrics or None)``. Every input is checked before anything is written (the evaluation's
-    test set included; an image of it that cannot be decoded is found, as one line naming it, when the evaluation
-    reads it)."""
-    from gn_det.fileio import write_json_atomically
+    test set included); an image of the test set that cannot be decoded is found, as one line naming it, when
+    the evaluation reads it, and the export and evaluation files are written in a staging folder that replaces
+    nothing of an earlier export until the evaluation has finished."""
+    from gn_det.fileio import staged_folder, write_json_atomically
     from gn_det.predict import load_predictor
 
     if fmt not in FORMATS:
@@ -368,13 +369,16 @@ def export_from_config(config_file, fmt, output_dir, opts=(), target="onnxruntim
         if calibration_images < 1:
             raise InputError(f"--calibration-images {calibration_images}: give at least 1")
         calibration = ModelInputs(predictor, calibration_files(config_file, opts, calibration_images))
-    path = export_model(predictor.model, image, fmt, output_dir, target, predictor.input_format, calibration)
     if not run_eval:
-        return path, None
+        return export_model(predictor.model, image, fmt, output_dir, target, predictor.input_format,
+                            calibration), None
     from .evaluate import evaluate
     from .runtimes import load_exported
 
-    metrics = evaluate(load_exported(path), config_file, opts, output_dir)
+    with staged_folder(output_dir) as staging:
+        staged = export_model(predictor.model, image, fmt, staging, target, predictor.input_format, calibration)
+        metrics = evaluate(load_exported(staged), config_file, opts, staging)
+    path = os.path.join(output_dir, os.path.relpath(staged, staging))
     write_json_atomically(os.path.join(output_dir, "eval.json"), {"file": path, "metrics": metrics})
     return path, metrics
 
