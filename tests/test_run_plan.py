@@ -24,6 +24,8 @@ SETTINGS = {
     "amp": (["SOLVER.AMP.ENABLED", "True"], ["train.amp.enabled=True"]),
     "fp16": (["MODEL.PRECISION", "fp16"],
              ["model._target_=gn_det.modeling.meta_arch.GNGeneralizedRCNN", "model.precision=fp16"]),
+    "bf16": (["MODEL.PRECISION", "bf16"],
+             ["model._target_=gn_det.modeling.meta_arch.GNGeneralizedRCNN", "model.precision=bf16"]),
     "batch3": (["SOLVER.IMS_PER_BATCH", "3"], ["dataloader.train.total_batch_size=3"]),
     "syncbn": (["MODEL.FPN.NORM", "SyncBN"], ["model.backbone.norm=SyncBN"]),
     "groups48": (["MODEL.GN.NUM_GROUPS", "48"], ["model.backbone.norm.num_groups=48"]),
@@ -106,6 +108,24 @@ def test_batch_and_syncbn_against_two_processes(system, dataset, tmp_path):
     settings.norms = {key: "nnSyncBN" for key in settings.norms}
     with pytest.raises(InputError, match=r"='nnSyncBN' needs CUDA with 2 processes"):
         check_run(settings, 2, training=True)
+
+
+@pytest.mark.parametrize("system", SYSTEMS)
+def test_bf16_on_a_cpu_without_bf16_instructions_runs_in_fp32_with_one_logged_line(system, dataset, tmp_path,
+                                                                                   monkeypatch):
+    import gn_det.config
+
+    key = "MODEL.PRECISION" if system == "yaml" else "model.precision"
+    for native, precision in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(gn_det.config, "cpu_has_bf16_instructions", lambda: native)
+        plan = plan_run(args_for(system, dataset, tmp_path / "out", "bf16"))
+        assert repr(plan.model).splitlines()[1].strip().startswith(f"precision={precision},")  # print(model) says it
+        saved = plan.cfg.MODEL.PRECISION if system == "yaml" else plan.cfg.model.precision
+        assert saved == precision
+        lines = [line for line in plan.settings.adjustments if "bf16" in line]
+        assert lines == ([] if native else [f"No bf16 instructions on this CPU (AVX512-BF16, AMX): {key}='bf16' "
+                                            "runs in 'fp32' (emulated bf16 would be several times slower)"])
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("system", SYSTEMS)

@@ -19,7 +19,7 @@ from detectron2.utils import comm
 from omegaconf import OmegaConf
 
 from gn_det.checkpoint.reader import GNCheckpointer
-from gn_det.config import available_device, load_lazy_config
+from gn_det.config import available_device, available_precision, load_lazy_config
 from gn_det.data import register_datasets
 from gn_det.errors import InputError
 from gn_det.layers import check_norm_sites
@@ -61,7 +61,8 @@ def predicts_masks(cfg):
 
 def load_lazy_run_config(args):
     """The LazyConfig of ``args`` (``--config-file``, ``--dataset``, ``KEY=VALUE`` overrides) and its
-    :class:`~gn_det.engine.run.RunSettings`; CUDA named where there is none becomes the CPU."""
+    :class:`~gn_det.engine.run.RunSettings`; CUDA named where there is none becomes the CPU, and bf16 on a CPU
+    without bf16 instructions fp32."""
     register_datasets(args.dataset)
     source = args.config_file
     cfg = load_lazy_config(source, args.opts)
@@ -70,6 +71,10 @@ def load_lazy_run_config(args):
     if available_device(cfg.train.device) != cfg.train.device:
         adjustments.append(f"No CUDA device: train.device={cfg.train.device!r} runs on CPU")
         cfg.train.device = "cpu"
+    if OmegaConf.select(cfg, "model.precision", default=None) is not None:  # gn-det's meta-architectures
+        cfg.model.precision, adjustment = available_precision(cfg.model.precision, cfg.train.device,
+                                                              "model.precision")
+        adjustments += [adjustment] if adjustment else []
     # the test set is read in an evaluation (--eval-only, or do_test's, which needs dataloader.evaluator)
     evaluates = args.eval_only or OmegaConf.select(cfg, "dataloader.evaluator", default=None) is not None
     settings = RunSettings(

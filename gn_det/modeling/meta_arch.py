@@ -76,6 +76,10 @@ class PrecisionLayoutMixin:
         if channels_last:
             self.to(memory_format=torch.channels_last)
 
+    def extra_repr(self):
+        # print(model) says what the forward runs in, beside the modules
+        return f"precision={self.precision}, channels_last={self.channels_last}"
+
     def precision_context(self):
         """The autocast context the model computes in (a no-op for fp32)."""
         # checked again here: the model may have been moved to another device since it was built
