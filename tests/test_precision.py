@@ -28,6 +28,7 @@ STOCK_HEADS = ["MODEL.META_ARCHITECTURE", "GeneralizedRCNN", "MODEL.ROI_HEADS.NA
                "MODEL.RPN.HEAD_NAME", "StandardRPNHead"]
 SMALL_INPUT = ["INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "128", "MODEL.ROI_HEADS.NUM_CLASSES", "3",
                "MODEL.RETINANET.NUM_CLASSES", "3", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "64",
+               "MODEL.RPN.POST_NMS_TOPK_TEST", "64", "TEST.DETECTIONS_PER_IMAGE", "20",
                "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32"]
 RETINANET = os.path.join(CONFIG_DIR, "COCO-Detection", "retinanet_R_50_FPN_3x_gn.yaml")
 FEATURE_RTOL = 0.03  # relative L2 error of each FPN level
@@ -200,7 +201,10 @@ def test_benchmark_tool_smoke(tmp_path, capsys, monkeypatch):
     output = tmp_path / "benchmark.json"
     tiny = ["MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.ROI_HEADS.NUM_CLASSES", "3",
             "MODEL.RPN.POST_NMS_TOPK_TRAIN", "64", "MODEL.RPN.POST_NMS_TOPK_TEST", "64",
-            "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32", "TEST.DETECTIONS_PER_IMAGE", "10"]
+            "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32", "TEST.DETECTIONS_PER_IMAGE", "10",
+            # narrow FPN and heads: the peer runs bf16 wherever the test runs, emulated on a CPU without bf16
+            "MODEL.FPN.OUT_CHANNELS", "64", "MODEL.ROI_BOX_HEAD.FC_DIM", "64", "MODEL.ROI_BOX_HEAD.CONV_DIM", "64",
+            "MODEL.ROI_MASK_HEAD.CONV_DIM", "64"]
     variants = ["d2_gn_bf16_nhwc", "gn_fast"]  # the peer first: it is also the baseline
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()
@@ -517,7 +521,7 @@ def test_fast_cpu_inference_runs_roi_heads_in_chunks_with_the_same_outputs():
 
     assert build().roi_heads.box_head.inference_chunk_bytes == 0  # fp32 default: detectron2's behaviour
     assert build(*SWITCHES).roi_heads.mask_head.inference_chunk_bytes == 0
-    model = build(*FAST, "MODEL.RPN.POST_NMS_TOPK_TEST", "200").eval()
+    model = build(*FAST, "MODEL.RPN.POST_NMS_TOPK_TEST", "100").eval()
     assert model.roi_heads.box_head.inference_chunk_bytes == INFERENCE_CHUNK_BYTES
     assert model.roi_heads.mask_head.inference_chunk_bytes == INFERENCE_CHUNK_BYTES
     batch = [{"image": torch.rand(3, 128, 128) * 255, "height": 128, "width": 128} for _ in range(2)]
@@ -538,7 +542,7 @@ def test_fast_cpu_inference_runs_roi_heads_in_chunks_with_the_same_outputs():
 @pytest.mark.slow
 def test_fast_cpu_inference_runs_c4_res5_in_chunks_with_the_same_outputs():
     path = os.path.join(CONFIG_DIR, "COCO-InstanceSegmentation", "mask_rcnn_R_50_C4_2x_gn.yaml")
-    model = build(*FAST, "MODEL.RPN.POST_NMS_TOPK_TEST", "40", "MODEL.RESNETS.DEPTH", "50",
+    model = build(*FAST, "MODEL.RPN.POST_NMS_TOPK_TEST", "20", "MODEL.RESNETS.DEPTH", "50",
                   "MODEL.RESNETS.RES2_OUT_CHANNELS", "256", config=path).eval()
     batch = [{"image": torch.rand(3, 128, 128) * 255, "height": 128, "width": 128}]
     res5_calls = count_calls(model.roi_heads.res5)
