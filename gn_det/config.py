@@ -65,7 +65,7 @@ def add_gn_config(cfg):
     # wherever the model runs (training, evaluation, DefaultPredictor, distributed runs) and mean the same on
     # every device. Compute precision of the forward pass: "fp32", "bf16" (autocast; CPU and CUDA) or "fp16"
     # (autocast, CUDA only, trained with detectron2's AMPTrainer and its gradient scaler); outputs are float32.
-    # A run (train_net) on a CPU without bf16 instructions runs "bf16" in "fp32" and logs it (emulated bf16 is
+    # A run (train_net) on a CPU without oneDNN bf16 kernels runs "bf16" in "fp32" and logs it (emulated bf16 is
     # several times slower there: available_precision).
     cfg.MODEL.PRECISION = "fp32"
     # Convolution weights and the image batch in channels_last (NHWC), faster for oneDNN/cuDNN kernels.
@@ -276,9 +276,10 @@ def available_device(device):
     return "cpu" if str(device).startswith("cuda") and not torch.cuda.is_available() else device
 
 
-def cpu_has_bf16_instructions():
-    """Whether oneDNN finds bf16 instructions on this CPU (AVX512-BF16 or AMX on x86, BF16 on Arm). Without them
-    torch emulates bf16 convolutions and matrix products far slower than fp32 (docs/SPEED.md)."""
+def cpu_has_bf16_kernels():
+    """Whether oneDNN has bf16 kernels for this CPU (torch's check: AVX512 or newer on x86; AVX512-BF16 and AMX
+    make them fast). Without them torch's fallback kernels compute bf16 convolutions and matrix products far
+    slower than fp32 (docs/SPEED.md)."""
     import torch
 
     supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
@@ -286,14 +287,14 @@ def cpu_has_bf16_instructions():
 
 
 def available_precision(precision, device, key):
-    """``(precision, adjustment)``: "bf16" on a CPU without bf16 instructions runs in "fp32" (emulated bf16 is a
+    """``(precision, adjustment)``: "bf16" on a CPU without oneDNN bf16 kernels runs in "fp32" (emulated bf16 is a
     slowdown of 9x for a convolution and 100x for a matrix product there, never a speed-up), with the logged line
     saying so; any other precision and device unchanged, with no line."""
     import torch
 
-    if precision != "bf16" or torch.device(device).type != "cpu" or cpu_has_bf16_instructions():
+    if precision != "bf16" or torch.device(device).type != "cpu" or cpu_has_bf16_kernels():
         return precision, None
-    return "fp32", (f"No bf16 instructions on this CPU (AVX512-BF16, AMX): {key}='bf16' runs in 'fp32' "
+    return "fp32", (f"No oneDNN bf16 kernels for this CPU (x86: AVX512 or newer): {key}='bf16' runs in 'fp32' "
                     "(emulated bf16 would be several times slower)")
 
 

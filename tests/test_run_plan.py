@@ -111,19 +111,19 @@ def test_batch_and_syncbn_against_two_processes(system, dataset, tmp_path):
 
 
 @pytest.mark.parametrize("system", SYSTEMS)
-def test_bf16_on_a_cpu_without_bf16_instructions_runs_in_fp32_with_one_logged_line(system, dataset, tmp_path,
+def test_bf16_on_a_cpu_without_bf16_kernels_runs_in_fp32_with_one_logged_line(system, dataset, tmp_path,
                                                                                    monkeypatch):
     import gn_det.config
 
     key = "MODEL.PRECISION" if system == "yaml" else "model.precision"
     for native, precision in ((True, "bf16"), (False, "fp32")):
-        monkeypatch.setattr(gn_det.config, "cpu_has_bf16_instructions", lambda: native)
+        monkeypatch.setattr(gn_det.config, "cpu_has_bf16_kernels", lambda: native)
         plan = plan_run(args_for(system, dataset, tmp_path / "out", "bf16"))
         assert repr(plan.model).splitlines()[1].strip().startswith(f"precision={precision},")  # print(model) says it
         saved = plan.cfg.MODEL.PRECISION if system == "yaml" else plan.cfg.model.precision
         assert saved == precision
         lines = [line for line in plan.settings.adjustments if "bf16" in line]
-        assert lines == ([] if native else [f"No bf16 instructions on this CPU (AVX512-BF16, AMX): {key}='bf16' "
+        assert lines == ([] if native else [f"No oneDNN bf16 kernels for this CPU (x86: AVX512 or newer): {key}='bf16' "
                                             "runs in 'fp32' (emulated bf16 would be several times slower)"])
     assert not (tmp_path / "out").exists()
 
