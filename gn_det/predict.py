@@ -6,6 +6,7 @@ for inference; YAML configs go through :func:`gn_det.get_gn_cfg` (gn-det's meta-
 Python configs through detectron2's ``LazyConfig``.
 """
 import glob
+import logging
 import os
 from urllib.parse import urlparse
 
@@ -23,7 +24,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.visualizer import Visualizer
 
 from gn_det.checkpoint.reader import GNCheckpointer
-from gn_det.config import available_device, get_gn_cfg, load_lazy_config
+from gn_det.config import available_device, available_precision, get_gn_cfg, load_lazy_config
 from gn_det.data import register_datasets  # importing gn_det.data registers shapes_train / shapes_val
 from gn_det.errors import InputError
 from gn_det.fileio import atomic_write, read_json, write_json_atomically
@@ -31,6 +32,17 @@ from gn_det.fileio import atomic_write, read_json, write_json_atomically
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 RESULTS_FILE = "predictions.json"
 UNLABELLED = "__unlabelled__"  # the metadata of a config that names no dataset
+
+logger = logging.getLogger(__name__)
+
+
+def precision_to_run(precision, device, key):
+    """The precision a model is built with to run here (:func:`gn_det.config.available_precision`: bf16 on a CPU
+    without oneDNN bf16 kernels runs in fp32), the adjustment a warning."""
+    precision, adjustment = available_precision(precision, device, key)
+    if adjustment:
+        logger.warning(adjustment)
+    return precision
 
 
 class Predictor:
@@ -74,11 +86,14 @@ def check_model_files(config_file, weights):
         raise InputError(f"--weights: {weights} is not a file")
 
 
-def yaml_config(config_file, weights, opts=(), device=None):
-    """The checked, frozen gn-det config of a YAML file with ``weights`` and ``KEY VALUE`` overrides."""
+def yaml_config(config_file, weights, opts=(), device=None, keep_precision=False):
+    """The checked, frozen gn-det config of a YAML file with ``weights`` and ``KEY VALUE`` overrides, its
+    precision the one that runs here unless ``keep_precision``."""
     check_model_files(config_file, weights)
     cfg = get_gn_cfg(config_file, list(opts) + ["MODEL.WEIGHTS", weights])
     cfg.MODEL.DEVICE = available_device(device or cfg.MODEL.DEVICE)
+    if not keep_precision:
+        cfg.MODEL.PRECISION = precision_to_run(cfg.MODEL.PRECISION, cfg.MODEL.DEVICE, "MODEL.PRECISION")
     cfg.freeze()
     return cfg
 
@@ -98,19 +113,21 @@ def dataset_metadata(names):
 BACKENDS = ("torch", "torchscript", "onnxruntime", "openvino")
 
 
-def load_predictor(config_file, weights, opts=(), device=None, backend="torch"):
+def load_predictor(config_file, weights, opts=(), device=None, backend="torch", keep_precision=False):
     """config file + weights + overrides -> :class:`Predictor` (model, test-time resize, class metadata).
 
     ``opts`` are ``KEY VALUE`` pairs for a YAML config and ``key=value`` strings for a Python (LazyConfig)
     one; ``device`` overrides the config's device (CUDA falls back to CPU where there is none). With another
     ``backend`` than "torch", ``weights`` is a file exported by ``tools/export_model.py`` and runs in that
-    backend on the CPU (``gn_det.deploy``); the config gives the resize and the class names.
+    backend on the CPU (``gn_det.deploy``); the config gives the resize and the class names. The model computes
+    in the config's precision, except bf16 on a CPU without oneDNN bf16 kernels, which runs in fp32 with a
+    warning, unless ``keep_precision`` (an export, built for the machine that serves it).
     """
     if backend not in BACKENDS:
         raise InputError(f"--backend {backend!r} is not a backend; choose one of {', '.join(BACKENDS)}")
     if config_file.endswith(".py"):
-        return _lazy_predictor(config_file, weights, opts, device, backend)
-    cfg = yaml_config(config_file, weights, opts, "cpu" if backend != "torch" else device)
+        return _lazy_predictor(config_file, weights, opts, device, backend, keep_precision)
+    cfg = yaml_config(config_file, weights, opts, "cpu" if backend != "torch" else device, keep_precision)
     register_datasets(cfg.DATASETS.REGISTER)  # the class names of the config's own datasets
     resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST)
     model = model_from_config(cfg) if backend == "torch" else exported_model(weights, backend)
@@ -124,7 +141,7 @@ def exported_model(path, backend):
     return load_exported(path, backend)
 
 
-def _lazy_predictor(config_file, weights, opts, device, backend="torch"):
+def _lazy_predictor(config_file, weights, opts, device, backend="torch", keep_precision=False):
     """A LazyConfig's ``model``, device ``train.device``, resize and dataset of ``dataloader.test``, as
     detectron2's ``tools/lazyconfig_train_net.py`` reads them."""
     check_model_files(config_file, weights)
@@ -134,8 +151,11 @@ def _lazy_predictor(config_file, weights, opts, device, backend="torch"):
     elif "model" not in cfg:
         raise InputError(f"{config_file}: a Python config needs a 'model' to predict with")
     else:
+        device = available_device(device or cfg.get("train", {}).get("device", "cpu"))
+        if "precision" in cfg.model and not keep_precision:  # gn-det's meta-architectures
+            cfg.model.precision = precision_to_run(cfg.model.precision, device, "model.precision")
         model = instantiate(cfg.model)
-        model.to(available_device(device or cfg.get("train", {}).get("device", "cpu")))
+        model.to(device)
         GNCheckpointer(model, strict=True).load(weights)
     test_loader = cfg.get("dataloader", {}).get("test", {})
     augmentations = test_loader.get("mapper", {}).get("augmentations")

@@ -129,6 +129,29 @@ def test_bf16_on_a_cpu_without_bf16_kernels_runs_in_fp32_with_one_logged_line(sy
 
 
 @pytest.mark.parametrize("system", SYSTEMS)
+def test_predict_runs_bf16_as_a_run_does_and_an_export_keeps_it(system, dataset, tmp_path, monkeypatch, caplog):
+    """predict (and visualize) build the model as a run on this CPU would; an export keeps the config's
+    precision, for the machine that serves the file."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    import gn_det.config
+    from gn_det.predict import load_predictor
+
+    monkeypatch.setattr(gn_det.config, "cpu_has_bf16_kernels", lambda: False)
+    pick = 0 if system == "yaml" else 1
+    opts = SETTINGS["bf16"][pick] + (["MODEL.DEVICE", "cpu"] if system == "yaml" else ["train.device=cpu"])
+    config = GN_YAML if system == "yaml" else GN_PY
+    weights = str(tmp_path / "random.pth")
+    built = plan_run(args_for(system, dataset, tmp_path / "out", "bf16")).model  # the same model, random weights
+    DetectionCheckpointer(built, save_dir=str(tmp_path)).save("random")
+    key = "MODEL.PRECISION" if system == "yaml" else "model.precision"
+    with caplog.at_level("WARNING", logger="gn_det.predict"):
+        assert load_predictor(config, weights, opts).model.precision == "fp32"
+    assert f"{key}='bf16' runs in 'fp32'" in caplog.text
+    assert load_predictor(config, weights, opts, keep_precision=True).model.precision == "bf16"
+
+
+@pytest.mark.parametrize("system", SYSTEMS)
 def test_unsplittable_groups_name_the_layer_and_the_key(system, dataset, tmp_path):
     key = r"MODEL\.GN\.NUM_GROUPS" if system == "yaml" else r"model\.backbone\.norm\.num_groups"
     refused(args_for(system, dataset, tmp_path / "out", "groups48"),

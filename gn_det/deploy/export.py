@@ -356,7 +356,8 @@ def export_from_config(config_file, fmt, output_dir, opts=(), target="onnxruntim
     if not os.path.isfile(config_file):
         raise InputError(f"--config-file: {config_file} is not a file")
     weights = config_weights(config_file, opts)
-    predictor = load_predictor(config_file, weights, opts, device="cpu")
+    # the config's precision as asked, whatever this CPU computes well: the file is for the machine that serves it
+    predictor = load_predictor(config_file, weights, opts, device="cpu", keep_precision=True)
     check_exportable(predictor.model, fmt, target)
     if run_eval:
         from .evaluate import test_dataset
