@@ -1,6 +1,7 @@
 """One run plan for both config systems: the same mistake gives the same one-line answer from a YAML config and
 from a Python config, before anything is written; the model is built once; detectron2's RNG sequence is kept;
 every gn-det head and ROI-heads class can be named in a Python config."""
+import logging
 import os
 
 import pytest
@@ -145,8 +146,12 @@ def test_predict_runs_bf16_as_a_run_does_and_an_export_keeps_it(system, dataset,
     built = plan_run(args_for(system, dataset, tmp_path / "out", "bf16")).model  # the same model, random weights
     DetectionCheckpointer(built, save_dir=str(tmp_path)).save("random")
     key = "MODEL.PRECISION" if system == "yaml" else "model.precision"
-    with caplog.at_level("WARNING", logger="gn_det.predict"):
+    logger = logging.getLogger("gn_det.predict")
+    logger.addHandler(caplog.handler)  # a run in this process (setup_logger) stops gn_det's records at "gn_det"
+    try:
         assert load_predictor(config, weights, opts).model.precision == "fp32"
+    finally:
+        logger.removeHandler(caplog.handler)
     assert f"{key}='bf16' runs in 'fp32'" in caplog.text
     assert load_predictor(config, weights, opts, keep_precision=True).model.precision == "bf16"
 
