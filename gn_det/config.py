@@ -288,7 +288,7 @@ def cpu_has_bf16_kernels():
 
 def available_precision(precision, device, key):
     """``(precision, adjustment)``: "bf16" on a CPU without oneDNN bf16 kernels runs in "fp32" (emulated bf16 is a
-    slowdown of 9x for a convolution and 100x for a matrix product there, never a speed-up), with the logged line
+    slowdown of about 9x for a convolution and 160x for a matrix product there, never a speed-up), with the logged line
     saying so; any other precision and device unchanged, with no line."""
     import torch
 

@@ -54,9 +54,11 @@ def atomic_paths(*paths):
 def staged_folder(folder):
     """A new hidden folder inside ``folder`` for a step that writes several files and can fail after writing
     the first (an export and its evaluation): when the block ends without an error its files move into
-    ``folder`` (each by one rename, subfolders merged), else it is removed and ``folder`` is left as it was."""
+    ``folder`` (each by one rename, subfolders merged), else it is removed and ``folder`` is left as it was
+    (not there, if it was not)."""
     import tempfile
 
+    created = not os.path.isdir(folder)
     os.makedirs(folder, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".staging.", dir=folder)
     try:
@@ -66,8 +68,12 @@ def staged_folder(folder):
             os.makedirs(target, exist_ok=True)
             for name in files:
                 os.replace(os.path.join(root, name), os.path.join(target, name))
-    finally:
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def out_of_space(err):

@@ -481,6 +481,9 @@ def test_run_eval_names_an_undecodable_test_image_in_one_line(tiny_run, tmp_path
     assert f"image {broken} of dataset 'export_truncated_val' cannot be decoded" in line, line
     # the export and its evaluation were staged: the earlier export is as it was, and nothing else is there
     assert os.listdir(out) == ["model.ts"] and (out / "model.ts").read_bytes() == b"an earlier export"
+    line = tool_exit_message("export_model.py", "--config-file", SHAPES_GN, "--output", tmp_path / "new",
+                             "--run-eval", *opts)
+    assert "cannot be decoded" in line and not (tmp_path / "new").exists()  # a folder it made is removed again
 
 
 @pytest.mark.slow
