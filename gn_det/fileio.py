@@ -69,11 +69,11 @@ def staged_folder(folder):
             for name in files:
                 os.replace(os.path.join(root, name), os.path.join(target, name))
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
         if created:
             shutil.rmtree(folder, ignore_errors=True)
         raise
-    shutil.rmtree(staging, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def out_of_space(err):

@@ -346,8 +346,8 @@ def export_from_config(config_file, fmt, output_dir, opts=(), target="onnxruntim
     ``openvino-int8`` calibrates on the first ``calibration_images`` images of the training set.
     Returns ``(path, metrics or None)``. Every input is checked before anything is written (the evaluation's
     test set included); an image of the test set that cannot be decoded is found, as one line naming it, when
-    the evaluation reads it, and the export and evaluation files are written in a staging folder that replaces
-    nothing of an earlier export until the evaluation has finished."""
+    the evaluation reads it. The export (and evaluation) files are written in a staging folder that replaces
+    nothing of an earlier export until everything has been written."""
     from gn_det.fileio import staged_folder, write_json_atomically
     from gn_det.predict import load_predictor
 
@@ -370,17 +370,15 @@ def export_from_config(config_file, fmt, output_dir, opts=(), target="onnxruntim
         if calibration_images < 1:
             raise InputError(f"--calibration-images {calibration_images}: give at least 1")
         calibration = ModelInputs(predictor, calibration_files(config_file, opts, calibration_images))
-    if not run_eval:
-        return export_model(predictor.model, image, fmt, output_dir, target, predictor.input_format,
-                            calibration), None
     from .evaluate import evaluate
     from .runtimes import load_exported
 
     with staged_folder(output_dir) as staging:
         staged = export_model(predictor.model, image, fmt, staging, target, predictor.input_format, calibration)
-        metrics = evaluate(load_exported(staged), config_file, opts, staging)
+        metrics = evaluate(load_exported(staged), config_file, opts, staging) if run_eval else None
     path = os.path.join(output_dir, os.path.relpath(staged, staging))
-    write_json_atomically(os.path.join(output_dir, "eval.json"), {"file": path, "metrics": metrics})
+    if run_eval:
+        write_json_atomically(os.path.join(output_dir, "eval.json"), {"file": path, "metrics": metrics})
     return path, metrics
 
 
