@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
-from conftest import CONFIG_DIR, TINY_OPTS, tool_exit_message, tool_main  # noqa: E402
+from conftest import CONFIG_DIR, TINY_OPTS, made_once, tool_exit_message, tool_main  # noqa: E402
 from gn_det import InputError  # noqa: E402
 from gn_det.config import get_gn_cfg  # noqa: E402
 
@@ -331,16 +331,19 @@ def test_every_model_family_exports_to_torchscript_and_reloads(tmp_path, family)
         assert_same_instances(exported.instances(image), eager_instances(model, image))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A checkpoint of the tiny fp32 GN model and a registered 2-image shapes dataset at 128 px."""
     from gn_det.data import generate_shapes
 
-    root = tmp_path_factory.mktemp("export_run")
-    generate_shapes(str(root / "shapes"), num_train=1, num_val=2, image_size=128)
-    model, _ = tiny_model(opts=FP32)
+    def make(root):
+        generate_shapes(str(root / "shapes"), num_train=1, num_val=2, image_size=128)
+        torch.save({"model": tiny_model(opts=FP32)[0].state_dict()}, root / "model.pth")
+
+    # one folder per session: the tests register it under fixed names, which a second folder (a worker that runs
+    # this module's tests between other modules' re-creates module fixtures) could not take again
+    root = made_once(tmp_path_factory, "export_run", make)
     weights = root / "model.pth"
-    torch.save({"model": model.state_dict()}, weights)
     data = root / "shapes"
     return {"weights": str(weights), "dataset": f"DATASETS.REGISTER \"['tiny_val={data}/val.json,{data}/val']\"",
             "register": [f"tiny_val={data}/val.json,{data}/val", f"tiny_train={data}/train.json,{data}/train"],
