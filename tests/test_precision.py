@@ -29,7 +29,9 @@ STOCK_HEADS = ["MODEL.META_ARCHITECTURE", "GeneralizedRCNN", "MODEL.ROI_HEADS.NA
 SMALL_INPUT = ["INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "128", "MODEL.ROI_HEADS.NUM_CLASSES", "3",
                "MODEL.RETINANET.NUM_CLASSES", "3", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "64",
                "MODEL.RPN.POST_NMS_TOPK_TEST", "64", "TEST.DETECTIONS_PER_IMAGE", "20",
-               "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32"]
+               "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32", "MODEL.FPN.OUT_CHANNELS", "64",
+               "MODEL.ROI_BOX_HEAD.CONV_DIM", "64", "MODEL.ROI_BOX_HEAD.FC_DIM", "256", "MODEL.ROI_MASK_HEAD.CONV_DIM",
+               "64"]
 RETINANET = os.path.join(CONFIG_DIR, "COCO-Detection", "retinanet_R_50_FPN_3x_gn.yaml")
 FEATURE_RTOL = 0.03  # relative L2 error of each FPN level
 LOSS_RTOL = 0.02
@@ -530,7 +532,7 @@ def test_fast_cpu_inference_runs_roi_heads_in_chunks_with_the_same_outputs():
     expected = inference_with_chunk_bytes(model, batch, 0)
     assert (len(box_calls), len(mask_calls)) == (1, 1)
     box_calls.clear(), mask_calls.clear()
-    results = inference_with_chunk_bytes(model, batch, 256 * 2**10)  # ~10 box-head RoIs, ~2 mask-head RoIs
+    results = inference_with_chunk_bytes(model, batch, 64 * 2**10)  # ~10 box-head RoIs, ~2 mask-head RoIs
     assert len(box_calls) > 10 and len(mask_calls) > 10
     assert_same_instances(results, expected, atol=CHUNKED_ATOL)
 
@@ -542,13 +544,13 @@ def test_fast_cpu_inference_runs_roi_heads_in_chunks_with_the_same_outputs():
 @pytest.mark.slow
 def test_fast_cpu_inference_runs_c4_res5_in_chunks_with_the_same_outputs():
     path = os.path.join(CONFIG_DIR, "COCO-InstanceSegmentation", "mask_rcnn_R_50_C4_2x_gn.yaml")
-    model = build(*FAST, "MODEL.RPN.POST_NMS_TOPK_TEST", "20", "MODEL.RESNETS.DEPTH", "50",
-                  "MODEL.RESNETS.RES2_OUT_CHANNELS", "256", config=path).eval()
+    model = build(*FAST, "MODEL.RPN.POST_NMS_TOPK_TEST", "20", "MODEL.RESNETS.WIDTH_PER_GROUP", "16",
+                  config=path).eval()
     batch = [{"image": torch.rand(3, 128, 128) * 255, "height": 128, "width": 128}]
     res5_calls = count_calls(model.roi_heads.res5)
     expected = inference_with_chunk_bytes(model, batch, 0)
     calls_unchunked = len(res5_calls)
-    results = inference_with_chunk_bytes(model, batch, 2 * 2**20)  # 5 RoIs of 14x14x1024 bf16 per chunk
+    results = inference_with_chunk_bytes(model, batch, 512 * 2**10)  # 5 RoIs of 14x14x256 bf16 per chunk
     assert len(res5_calls) - calls_unchunked > 2 * calls_unchunked
     assert_same_instances(results, expected, atol=CHUNKED_ATOL)
 
@@ -657,7 +659,7 @@ def test_cpu_pieces_compute_as_detectron2_off_the_cpu(monkeypatch):
     monkeypatch.setattr(FastRCNNOutputLayers, "inference",
                         lambda self, predictions, proposals: inference_calls.append(type(self).__name__))
     proposals = [Instances((64, 64), proposal_boxes=Boxes(torch.zeros(3, 4, device="meta")))]
-    heads.box_predictor.inference(heads.box_predictor(torch.empty(3, 1024, device="meta")), proposals)
+    heads.box_predictor.inference(heads.box_predictor(torch.empty(3, 256, device="meta")), proposals)
     assert inference_calls == ["TopScoresFirstOutputLayers"]
 
     runs = []
