@@ -269,33 +269,38 @@ def check_speed_keys(cfg, source="config"):
         )
 
 
-def available_device(device):
-    """``device``, or "cpu" where it names CUDA and there is no CUDA device (the tools then run on CPU)."""
-    import torch  # late: reading and checking config keys needs no torch
-
-    return "cpu" if str(device).startswith("cuda") and not torch.cuda.is_available() else device
-
-
 def cpu_has_bf16_kernels():
     """Whether oneDNN has bf16 kernels for this CPU (torch's check: AVX512 or newer on x86; AVX512-BF16 and AMX
     make them fast). Without them torch's fallback kernels compute bf16 convolutions and matrix products far
     slower than fp32 (docs/SPEED.md)."""
-    import torch
+    import torch  # late: reading and checking config keys needs no torch
 
     supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     return supported is None or bool(supported())  # a torch without the query: trust the config
 
 
-def available_precision(precision, device, key):
-    """``(precision, adjustment)``: "bf16" on a CPU without oneDNN bf16 kernels runs in "fp32" (emulated bf16 is a
-    slowdown of about 9x for a convolution and 160x for a matrix product there, never a speed-up), with the logged line
-    saying so; any other precision and device unchanged, with no line."""
+def adjusted_to_this_machine(device, precision, device_key, precision_key):
+    """``(device, precision, adjustments)`` that a config asking for ``device`` and ``precision`` runs with here,
+    the one place where both config systems' tools (train_net, predict, visualize) adapt a config to the machine:
+
+    * CUDA named where there is no CUDA device runs on the CPU;
+    * "bf16" on a CPU without oneDNN bf16 kernels runs in "fp32" (emulated bf16 is a slowdown of about 9x for a
+      convolution and 160x for a matrix product there, never a speed-up).
+
+    ``adjustments`` holds one line per change, naming the config key (``device_key``, ``precision_key``);
+    ``precision`` None (a model without gn-det's precision switch) stays None.
+    """
     import torch
 
-    if precision != "bf16" or torch.device(device).type != "cpu" or cpu_has_bf16_kernels():
-        return precision, None
-    return "fp32", (f"No oneDNN bf16 kernels for this CPU (x86: AVX512 or newer): {key}='bf16' runs in 'fp32' "
-                    "(emulated bf16 would be several times slower)")
+    adjustments = []
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        adjustments.append(f"No CUDA device: {device_key}={device!r} runs on CPU")
+        device = "cpu"
+    if precision == "bf16" and torch.device(device).type == "cpu" and not cpu_has_bf16_kernels():
+        adjustments.append(f"No oneDNN bf16 kernels for this CPU (x86: AVX512 or newer): {precision_key}='bf16' "
+                           "runs in 'fp32' (emulated bf16 would be several times slower)")
+        precision = "fp32"
+    return device, precision, adjustments
 
 
 def select(cfg, dotted_key):

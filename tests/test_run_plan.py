@@ -79,7 +79,8 @@ def test_amp_on_cpu_is_one_line(system, dataset, tmp_path):
 @pytest.mark.parametrize("system", SYSTEMS)
 def test_fp16_on_cpu_is_one_line_at_build_and_trains_with_a_gradient_scaler(system, dataset, tmp_path):
     refused(args_for(system, dataset, tmp_path / "out", "fp16"),
-            r"^(MODEL\.PRECISION|model\.precision)='fp16' needs a CUDA device, not 'cpu'; use 'bf16' on CPU$")
+            r"^(MODEL\.PRECISION|model\.precision)='fp16' needs a CUDA device, not 'cpu'; on CPU use 'fp32', "
+            r"or 'bf16' where the CPU has AVX512-BF16 or AMX$")
     assert not (tmp_path / "out").exists()
     if system == "python":  # on CUDA, fp16 trains with AMPTrainer's scaler whatever train.amp.enabled says
         from omegaconf import OmegaConf
@@ -131,8 +132,8 @@ def test_bf16_on_a_cpu_without_bf16_kernels_runs_in_fp32_with_one_logged_line(sy
 
 @pytest.mark.parametrize("system", SYSTEMS)
 def test_predict_runs_bf16_as_a_run_does_and_an_export_keeps_it(system, dataset, tmp_path, monkeypatch, caplog):
-    """predict (and visualize) build the model as a run on this CPU would; an export keeps the config's
-    precision, for the machine that serves the file."""
+    """predict (and visualize) build the model as a run on this machine would, each adjustment a warning; an
+    export keeps the config's precision, for the machine that serves the file."""
     from detectron2.checkpoint import DetectionCheckpointer
 
     import gn_det.config
@@ -150,6 +151,9 @@ def test_predict_runs_bf16_as_a_run_does_and_an_export_keeps_it(system, dataset,
     logger.addHandler(caplog.handler)  # a run in this process (setup_logger) stops gn_det's records at "gn_det"
     try:
         assert load_predictor(config, weights, opts).model.precision == "fp32"
+        if not torch.cuda.is_available():  # a --device without CUDA: the CPU, with the same kind of warning
+            load_predictor(config, weights, opts, device="cuda")
+            assert "No CUDA device: --device='cuda' runs on CPU" in caplog.text
     finally:
         logger.removeHandler(caplog.handler)
     assert f"{key}='bf16' runs in 'fp32'" in caplog.text

@@ -132,7 +132,11 @@ def test_converted_gn_weights_into_bnstar_model_fail_before_training(tmp_path, t
 def test_cuda_falls_back_to_cpu_only_without_a_cuda_device():
     import torch
 
-    from gn_det.config import available_device
+    from gn_det.config import adjusted_to_this_machine
 
-    assert available_device("cpu") == "cpu"
-    assert available_device("cuda:1") == ("cuda:1" if torch.cuda.is_available() else "cpu")
+    assert adjusted_to_this_machine("cpu", None, "MODEL.DEVICE", "MODEL.PRECISION") == ("cpu", None, [])
+    device, precision, lines = adjusted_to_this_machine("cuda:1", "fp32", "--device", "MODEL.PRECISION")
+    if torch.cuda.is_available():
+        assert (device, precision, lines) == ("cuda:1", "fp32", [])
+    else:
+        assert (device, precision, lines) == ("cpu", "fp32", ["No CUDA device: --device='cuda:1' runs on CPU"])

@@ -19,7 +19,7 @@ from detectron2.utils import comm
 from omegaconf import OmegaConf
 
 from gn_det.checkpoint.reader import GNCheckpointer
-from gn_det.config import available_device, available_precision, load_lazy_config
+from gn_det.config import adjusted_to_this_machine, load_lazy_config
 from gn_det.data import register_datasets
 from gn_det.errors import InputError
 from gn_det.layers import check_norm_sites
@@ -67,14 +67,10 @@ def load_lazy_run_config(args):
     source = args.config_file
     cfg = load_lazy_config(source, args.opts)
     check_lazy_config(cfg, source, args.eval_only)
-    adjustments = []
-    if available_device(cfg.train.device) != cfg.train.device:
-        adjustments.append(f"No CUDA device: train.device={cfg.train.device!r} runs on CPU")
-        cfg.train.device = "cpu"
-    if OmegaConf.select(cfg, "model.precision", default=None) is not None:  # gn-det's meta-architectures
-        cfg.model.precision, adjustment = available_precision(cfg.model.precision, cfg.train.device,
-                                                              "model.precision")
-        adjustments += [adjustment] if adjustment else []
+    cfg.train.device, precision, adjustments = adjusted_to_this_machine(
+        cfg.train.device, OmegaConf.select(cfg, "model.precision", default=None), "train.device", "model.precision")
+    if precision is not None:  # gn-det's meta-architectures
+        cfg.model.precision = precision
     # the test set is read in an evaluation (--eval-only, or do_test's, which needs dataloader.evaluator)
     evaluates = args.eval_only or OmegaConf.select(cfg, "dataloader.evaluator", default=None) is not None
     settings = RunSettings(

@@ -30,7 +30,8 @@ def check_precision(precision, device_type, key="MODEL.PRECISION"):
         raise InputError(f"{key}={precision!r} is not a precision; choose one of {', '.join(map(repr, PRECISIONS))}")
     if precision == "fp16" and device_type != "cuda":
         # CPU float16 autocast exists but has no fast kernels, and fp16 training needs a CUDA grad scaler.
-        raise InputError(f"{key}='fp16' needs a CUDA device, not {device_type!r}; use 'bf16' on CPU")
+        raise InputError(f"{key}='fp16' needs a CUDA device, not {device_type!r}; on CPU use 'fp32', "
+                         "or 'bf16' where the CPU has AVX512-BF16 or AMX")
 
 
 def to_float32(outputs):
