@@ -279,28 +279,49 @@ def cpu_has_bf16_kernels():
     return supported is None or bool(supported())  # a torch without the query: trust the config
 
 
-def adjusted_to_this_machine(device, precision, device_key, precision_key):
-    """``(device, precision, adjustments)`` that a config asking for ``device`` and ``precision`` runs with here,
-    the one place where both config systems' tools (train_net, predict, visualize) adapt a config to the machine:
+def adapt_to_this_machine(cfg, device=None, keep_precision=False):
+    """Adapt a YAML config (``MODEL.DEVICE``, ``MODEL.PRECISION``) or a Python config (``train.device``,
+    ``model.precision``) in place to this machine, and return one line per change, naming the key. The one place
+    where both config systems' tools (train_net, predict, visualize) do it:
 
     * CUDA named where there is no CUDA device runs on the CPU;
     * "bf16" on a CPU without oneDNN bf16 kernels runs in "fp32" (emulated bf16 is a slowdown of about 9x for a
-      convolution and 160x for a matrix product there, never a speed-up).
+      convolution and 160x for a matrix product there, never a speed-up), unless ``keep_precision`` (an export,
+      built for the machine that serves it).
 
-    ``adjustments`` holds one line per change, naming the config key (``device_key``, ``precision_key``);
-    ``precision`` None (a model without gn-det's precision switch) stays None.
+    ``device`` (a tool's ``--device``) replaces the config's device, and the line names ``--device``. A model
+    without gn-det's precision switch (a Python config's model without ``precision``) keeps its precision.
     """
-    import torch
+    import torch  # late: reading and checking config keys needs no torch
 
+    lazy = OmegaConf.is_config(cfg)
+    if lazy:  # detectron2's tools/lazyconfig_train_net.py reads train.device; a model may have no precision
+        device_key, precision_key = "train.device", "model.precision"
+        config_device = OmegaConf.select(cfg, "train.device", default="cpu")
+        precision = OmegaConf.select(cfg, "model.precision", default=None)
+    else:
+        device_key, precision_key = "MODEL.DEVICE", "MODEL.PRECISION"
+        config_device, precision = cfg.MODEL.DEVICE, cfg.MODEL.PRECISION
+    if device:
+        device_key = "--device"
+    else:
+        device = config_device
     adjustments = []
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         adjustments.append(f"No CUDA device: {device_key}={device!r} runs on CPU")
         device = "cpu"
-    if precision == "bf16" and torch.device(device).type == "cpu" and not cpu_has_bf16_kernels():
+    if (precision == "bf16" and not keep_precision and torch.device(device).type == "cpu"
+            and not cpu_has_bf16_kernels()):
         adjustments.append(f"No oneDNN bf16 kernels for this CPU (x86: AVX512 or newer): {precision_key}='bf16' "
                            "runs in 'fp32' (emulated bf16 would be several times slower)")
         precision = "fp32"
-    return device, precision, adjustments
+    if lazy:
+        OmegaConf.update(cfg, "train.device", device, force_add=True)
+        if precision is not None:
+            cfg.model.precision = precision
+    else:
+        cfg.MODEL.DEVICE, cfg.MODEL.PRECISION = device, precision
+    return adjustments
 
 
 def select(cfg, dotted_key):

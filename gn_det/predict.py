@@ -22,10 +22,9 @@ from detectron2.data.detection_utils import read_image
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.modeling import build_model
 from detectron2.utils.visualizer import Visualizer
-from omegaconf import OmegaConf
 
 from gn_det.checkpoint.reader import GNCheckpointer
-from gn_det.config import adjusted_to_this_machine, get_gn_cfg, load_lazy_config
+from gn_det.config import adapt_to_this_machine, get_gn_cfg, load_lazy_config
 from gn_det.data import register_datasets  # importing gn_det.data registers shapes_train / shapes_val
 from gn_det.errors import InputError
 from gn_det.fileio import atomic_write, read_json, write_json_atomically
@@ -37,13 +36,11 @@ UNLABELLED = "__unlabelled__"  # the metadata of a config that names no dataset
 logger = logging.getLogger(__name__)
 
 
-def adjusted_with_warnings(device, precision, device_key, precision_key):
-    """:func:`gn_det.config.adjusted_to_this_machine` (no CUDA: CPU; bf16 on a CPU without oneDNN bf16 kernels:
+def adapt_with_warnings(cfg, device=None, keep_precision=False):
+    """:func:`gn_det.config.adapt_to_this_machine` (no CUDA: CPU; bf16 on a CPU without oneDNN bf16 kernels:
     fp32), each adjustment a warning."""
-    device, precision, adjustments = adjusted_to_this_machine(device, precision, device_key, precision_key)
-    for adjustment in adjustments:
+    for adjustment in adapt_to_this_machine(cfg, device, keep_precision):
         logger.warning(adjustment)
-    return device, precision
 
 
 class Predictor:
@@ -92,11 +89,7 @@ def yaml_config(config_file, weights, opts=(), device=None, keep_precision=False
     precision the one that runs here unless ``keep_precision``."""
     check_model_files(config_file, weights)
     cfg = get_gn_cfg(config_file, list(opts) + ["MODEL.WEIGHTS", weights])
-    cfg.MODEL.DEVICE, precision = adjusted_with_warnings(
-        device or cfg.MODEL.DEVICE, None if keep_precision else cfg.MODEL.PRECISION,
-        "--device" if device else "MODEL.DEVICE", "MODEL.PRECISION")
-    if precision is not None:
-        cfg.MODEL.PRECISION = precision
+    adapt_with_warnings(cfg, device, keep_precision)
     cfg.freeze()
     return cfg
 
@@ -154,14 +147,9 @@ def _lazy_predictor(config_file, weights, opts, device, backend="torch", keep_pr
     elif "model" not in cfg:
         raise InputError(f"{config_file}: a Python config needs a 'model' to predict with")
     else:
-        device, precision = adjusted_with_warnings(
-            device or OmegaConf.select(cfg, "train.device", default="cpu"),
-            None if keep_precision else OmegaConf.select(cfg, "model.precision", default=None),
-            "--device" if device else "train.device", "model.precision")
-        if precision is not None:  # gn-det's meta-architectures
-            cfg.model.precision = precision
+        adapt_with_warnings(cfg, device, keep_precision)
         model = instantiate(cfg.model)
-        model.to(device)
+        model.to(cfg.train.device)
         GNCheckpointer(model, strict=True).load(weights)
     test_loader = cfg.get("dataloader", {}).get("test", {})
     augmentations = test_loader.get("mapper", {}).get("augmentations")

@@ -131,12 +131,18 @@ def test_converted_gn_weights_into_bnstar_model_fail_before_training(tmp_path, t
 
 def test_cuda_falls_back_to_cpu_only_without_a_cuda_device():
     import torch
+    from omegaconf import OmegaConf
 
-    from gn_det.config import adjusted_to_this_machine
+    from gn_det.config import adapt_to_this_machine, get_gn_cfg
 
-    assert adjusted_to_this_machine("cpu", None, "MODEL.DEVICE", "MODEL.PRECISION") == ("cpu", None, [])
-    device, precision, lines = adjusted_to_this_machine("cuda:1", "fp32", "--device", "MODEL.PRECISION")
+    cfg = get_gn_cfg(opts=["MODEL.DEVICE", "cpu"])
+    assert adapt_to_this_machine(cfg) == [] and (cfg.MODEL.DEVICE, cfg.MODEL.PRECISION) == ("cpu", "fp32")
+    lazy = OmegaConf.create({"train": {"device": "cpu"}, "model": {"precision": "fp32"}})
+    lines = adapt_to_this_machine(lazy, device="cuda:1")
     if torch.cuda.is_available():
-        assert (device, precision, lines) == ("cuda:1", "fp32", [])
+        assert (lazy.train.device, lines) == ("cuda:1", [])
     else:
-        assert (device, precision, lines) == ("cpu", "fp32", ["No CUDA device: --device='cuda:1' runs on CPU"])
+        assert (lazy.train.device, lines) == ("cpu", ["No CUDA device: --device='cuda:1' runs on CPU"])
+    assert lazy.model.precision == "fp32"
+    model_without_precision = OmegaConf.create({"train": {"device": "cpu"}, "model": {}})
+    assert adapt_to_this_machine(model_without_precision) == [] and "precision" not in model_without_precision.model

@@ -19,7 +19,7 @@ from detectron2.utils import comm
 from omegaconf import OmegaConf
 
 from gn_det.checkpoint.reader import GNCheckpointer
-from gn_det.config import adjusted_to_this_machine, load_lazy_config
+from gn_det.config import adapt_to_this_machine, load_lazy_config
 from gn_det.data import register_datasets
 from gn_det.errors import InputError
 from gn_det.layers import check_norm_sites
@@ -62,15 +62,12 @@ def predicts_masks(cfg):
 def load_lazy_run_config(args):
     """The LazyConfig of ``args`` (``--config-file``, ``--dataset``, ``KEY=VALUE`` overrides) and its
     :class:`~gn_det.engine.run.RunSettings`; CUDA named where there is none becomes the CPU, and bf16 on a CPU
-    without oneDNN bf16 kernels fp32."""
+    without oneDNN bf16 kernels fp32 (:func:`~gn_det.config.adapt_to_this_machine`)."""
     register_datasets(args.dataset)
     source = args.config_file
     cfg = load_lazy_config(source, args.opts)
     check_lazy_config(cfg, source, args.eval_only)
-    cfg.train.device, precision, adjustments = adjusted_to_this_machine(
-        cfg.train.device, OmegaConf.select(cfg, "model.precision", default=None), "train.device", "model.precision")
-    if precision is not None:  # gn-det's meta-architectures
-        cfg.model.precision = precision
+    adjustments = adapt_to_this_machine(cfg)
     # the test set is read in an evaluation (--eval-only, or do_test's, which needs dataloader.evaluator)
     evaluates = args.eval_only or OmegaConf.select(cfg, "dataloader.evaluator", default=None) is not None
     settings = RunSettings(

@@ -32,7 +32,7 @@ from detectron2.utils.logger import setup_logger
 from gn_det.checkpoint import check_weights_for_model
 from gn_det.checkpoint.convert import AUTHOR as CONVERTER_AUTHOR
 from gn_det.checkpoint.reader import GNCheckpointer, local_weights_path, read_checkpoint
-from gn_det.config import NORM_SITE_KEYS, adjusted_to_this_machine, get_gn_cfg, is_lazy_config, select
+from gn_det.config import NORM_SITE_KEYS, adapt_to_this_machine, get_gn_cfg, is_lazy_config, select
 from gn_det.data import SHAPES_SPLITS, ensure_shapes, register_datasets
 from gn_det.data.register import check_segmentations
 from gn_det.errors import InputError
@@ -74,12 +74,11 @@ def yaml_settings(cfg, source):
 def load_yaml_config(args):
     """The checked gn-det config of ``args`` (``--config-file``, ``--dataset``, trailing overrides) and its
     settings; CUDA named where there is none becomes the CPU, and bf16 on a CPU without oneDNN bf16 kernels fp32
-    (:func:`~gn_det.config.adjusted_to_this_machine`)."""
+    (:func:`~gn_det.config.adapt_to_this_machine`)."""
     cfg = get_gn_cfg(args.config_file, args.opts)
     # what the command line registered goes into the config too, so the dumped config.yaml is complete
     cfg.DATASETS.REGISTER = list(cfg.DATASETS.REGISTER) + [s for s in args.dataset if s not in cfg.DATASETS.REGISTER]
-    cfg.MODEL.DEVICE, cfg.MODEL.PRECISION, adjustments = adjusted_to_this_machine(
-        cfg.MODEL.DEVICE, cfg.MODEL.PRECISION, "MODEL.DEVICE", "MODEL.PRECISION")
+    adjustments = adapt_to_this_machine(cfg)
     register_datasets(cfg.DATASETS.REGISTER)
     settings = yaml_settings(cfg, args.config_file or "config")
     settings.adjustments = adjustments
