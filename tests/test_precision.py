@@ -168,12 +168,26 @@ def test_unknown_precision_is_an_error_naming_the_key():
 
 
 @pytest.mark.slow
-def test_default_predictor_gets_the_switches():
+def test_default_predictor_gets_the_switches(monkeypatch):
+    """A model built by the user's own code computes as its config asks; on a CPU without oneDNN bf16 kernels it
+    says once that bf16 is emulated there (gn-det's tools would have run it in fp32)."""
+    import gn_det.config
+    from gn_det.modeling import meta_arch
+
     predictor = DefaultPredictor(tiny_cfg(*FAST))  # build_model + eval + checkpoint load, as users do
     stem = record_stem_input(predictor.model, predictor.model.backbone.bottom_up.stem.conv1)
     image = np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)  # BGR, HWC
+    warnings = []
+    monkeypatch.setattr(meta_arch.logger, "warning", warnings.append)
+    monkeypatch.setattr(gn_det.config, "cpu_has_bf16_kernels", lambda: True)
     result = predictor(image)
-    assert stem == [(torch.bfloat16, True)]
+    assert not warnings
+    monkeypatch.setattr(gn_det.config, "cpu_has_bf16_kernels", lambda: False)
+    predictor(image)
+    predictor(image)
+    assert warnings == ["precision='bf16' on a CPU without oneDNN bf16 kernels (x86: AVX512 or newer): torch emulates "
+                        "bf16, several times slower than 'fp32' (docs/SPEED.md)"]
+    assert stem == [(torch.bfloat16, True)] * 3
     assert result["instances"].image_size == (96, 128)
     assert_float_fields(result["instances"])
 

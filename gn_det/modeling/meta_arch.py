@@ -10,6 +10,7 @@ fp16 training needs a gradient scaler: train with detectron2's ``AMPTrainer`` (`
 bf16 has float32's exponent range and trains without one.
 """
 import contextlib
+import logging
 
 import torch
 
@@ -17,8 +18,10 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.structures import Boxes, Instances, RotatedBoxes
 
+from gn_det import config as gn_config
 from gn_det.errors import InputError
 
+logger = logging.getLogger(__name__)
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISIONS = ("fp32", *AUTOCAST_DTYPES)
@@ -74,6 +77,7 @@ class PrecisionLayoutMixin:
         super().__init__(**kwargs)
         self.precision = precision
         self.channels_last = channels_last
+        self.warned_of_emulated_bf16 = False
         if channels_last:
             self.to(memory_format=torch.channels_last)
 
@@ -87,6 +91,14 @@ class PrecisionLayoutMixin:
         check_precision(self.precision, self.device.type)
         if self.precision == "fp32":
             return contextlib.nullcontext()
+        if (self.precision == "bf16" and self.device.type == "cpu" and not self.warned_of_emulated_bf16
+                and not (torch.jit.is_tracing() or torch.compiler.is_compiling())  # an export records no check
+                and not gn_config.cpu_has_bf16_kernels()):
+            # gn-det's tools run such a config in fp32 (gn_det.config.adapt_to_this_machine); a model built by the
+            # user's own code (DefaultPredictor, instantiate) computes as asked, and says what that costs
+            logger.warning("precision='bf16' on a CPU without oneDNN bf16 kernels (x86: AVX512 or newer): torch "
+                           "emulates bf16, several times slower than 'fp32' (docs/SPEED.md)")
+            self.warned_of_emulated_bf16 = True
         return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.precision])
 
     def forward(self, batched_inputs):
