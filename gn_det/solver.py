@@ -8,7 +8,7 @@ from detectron2.layers import FrozenBatchNorm2d
 from detectron2.solver import build_optimizer
 from detectron2.solver.build import maybe_add_gradient_clipping
 
-from .cpu import cpu_fast_path, fused_sgd
+from .cpu import cpu_fast_path, fused_sgd, sgd_keeping_its_step
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +45,15 @@ def build_gn_optimizer(cfg, model):
     """detectron2's SGD with ``get_default_optimizer_params``: norm γ/β decay by ``SOLVER.WEIGHT_DECAY_NORM``
     (0 in gn-det's configs, the paper's fine-tuning recipe), biases by ``SOLVER.WEIGHT_DECAY_BIAS`` (None:
     as weights), everything else by ``SOLVER.WEIGHT_DECAY``. With ``MODEL.CPU_FAST_PATH`` and the model's
-    parameters on the CPU its step runs fused (:func:`gn_det.cpu.fused_sgd`). Logs the resulting groups."""
+    parameters on the CPU its step runs fused (:func:`gn_det.cpu.fused_sgd`). Either keeps its step when a
+    checkpoint's optimizer state is loaded (:class:`gn_det.cpu.sgd.SGDKeepingItsStep`). Logs the resulting groups."""
     optimizer = build_optimizer(cfg, model)
     if cpu_fast_path(cfg) and next(model.parameters()).device.type == "cpu":
         # Not on CUDA: detectron2's AMPTrainer unscales gradients before its gradient-clipping step, which a
         # fused step (it unscales inside) would skip.
         optimizer = maybe_add_gradient_clipping(cfg, fused_sgd(optimizer))
+    else:  # detectron2's step, also when resumed from a fused checkpoint
+        optimizer = maybe_add_gradient_clipping(cfg, sgd_keeping_its_step(optimizer))
     logger.info("Optimizer parameter groups:\n%s", param_group_table(model, optimizer))
     return optimizer
 

@@ -94,6 +94,28 @@ def test_cpu_optimizer_is_detectron2_sgd_run_fused(clip):
         torch.testing.assert_close(ours_param, stock_param, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("clip", [False, True])
+def test_a_resumed_optimizer_keeps_the_step_its_config_asks_for(clip):
+    """A checkpoint's optimizer groups carry the step of the optimizer that saved it (torch restores the
+    ``foreach``/``fused`` flags): resumed without MODEL.CPU_FAST_PATH from a fast-path checkpoint, the run steps
+    as detectron2's SGD does, and the other way round fused."""
+    from detectron2.solver import build_optimizer
+
+    clipping = ["SOLVER.CLIP_GRADIENTS.ENABLED", str(clip)]
+    stock_cfg = get_gn_cfg(GN_FPN, TINY_OPTS + clipping)
+    fast_cfg = get_gn_cfg(GN_FPN, TINY_OPTS + clipping + ["MODEL.CPU_FAST_PATH", "True"])
+    model = build_model(stock_cfg)
+    stock, fast = build_gn_optimizer(stock_cfg, model), build_gn_optimizer(fast_cfg, model)
+    steps = [(g["foreach"], g["fused"]) for g in build_optimizer(stock_cfg, model).param_groups]
+    assert [(g["foreach"], g["fused"]) for g in stock.param_groups] == steps and steps[0] == (True, None)
+    assert type(stock).__name__.endswith("WithGradientClip") == type(fast).__name__.endswith("WithGradientClip") == clip
+    stock_state, fast_state = stock.state_dict(), fast.state_dict()
+    stock.load_state_dict(fast_state)
+    fast.load_state_dict(stock_state)
+    assert [(g["foreach"], g["fused"]) for g in stock.param_groups] == steps
+    assert all(g["fused"] and not g["foreach"] for g in fast.param_groups)
+
+
 def test_fused_sgd_steps_a_parameter_whose_first_gradient_comes_late_and_stays_fused_when_resumed():
     """torch's fused step takes a group's first step as all or nothing; a parameter that first gets a gradient
     after the others steps as torch's foreach SGD steps it, and a foreach optimizer's state loads fused."""

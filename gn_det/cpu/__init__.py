@@ -37,7 +37,9 @@ piece                          replaces in detectron2, and why faster      may c
 
 gn-det's registered heads build these (``gn_det/modeling/heads.py``: ``GNStandardROIHeads``,
 ``GNRes5ROIHeads``, ``GNConvFCHead``, ``GNMaskHead``, ``GNRPNHead``), the norm factory builds
-``NCHWCopyGroupNorm``, and ``build_gn_optimizer`` the fused SGD, each when :func:`cpu_fast_path` says so.
+``NCHWCopyGroupNorm``, and ``build_gn_optimizer`` the fused SGD, each when :func:`cpu_fast_path` says so
+(without it, detectron2's SGD as ``SGDKeepingItsStep``: a run resumed from a fused checkpoint steps as the key
+says, not as the checkpoint's optimizer did).
 """
 import functools
 import logging
@@ -50,7 +52,7 @@ from .pooler import LayoutPreservingROIPooler
 from .relu import CPUInplaceReLU, use_cpu_inplace_relus
 from .roi_align import SparseMatrixROIAlign, pools_in_bfloat16, roi_align_sampling_matrix
 from .roi_chunks import INFERENCE_CHUNK_BYTES, RoIChunkedInference
-from .sgd import fused_sgd
+from .sgd import fused_sgd, sgd_keeping_its_step
 
 logger = logging.getLogger(__name__)
 

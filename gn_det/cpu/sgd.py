@@ -1,10 +1,27 @@
-"""SGD with PyTorch's fused step, for CPU training."""
+"""SGD with PyTorch's fused step, for CPU training, and the SGD that keeps its step when resumed."""
 import torch
 
 
-class FusedSGD(torch.optim.SGD):
-    """torch's SGD with its fused step, kept fused across ``load_state_dict`` (a checkpoint's groups carry the
-    ``foreach``/``fused`` flags of the optimizer that saved it).
+class SGDKeepingItsStep(torch.optim.SGD):
+    """torch's SGD that keeps the step it was built with (its groups' ``foreach``/``fused`` flags) across
+    ``load_state_dict``: a checkpoint's groups carry the flags of the optimizer that saved it, and torch restores
+    them, so a run resumed from a fused (CPU fast path) checkpoint would otherwise step fused without the key,
+    and one resumed from detectron2's foreach SGD would step foreach with it."""
+
+    def load_state_dict(self, state_dict):
+        built = [(group["foreach"], group["fused"]) for group in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, (foreach, fused) in zip(self.param_groups, built):
+            group["foreach"], group["fused"] = foreach, fused
+
+
+def sgd_keeping_its_step(sgd):
+    """detectron2's SGD ``sgd`` (groups, settings, step) as :class:`SGDKeepingItsStep`."""
+    return SGDKeepingItsStep([dict(group) for group in sgd.param_groups], **sgd.defaults)
+
+
+class FusedSGD(SGDKeepingItsStep):
+    """torch's SGD with its fused step, kept fused across ``load_state_dict``.
 
     torch's fused step takes a group's first step as all or nothing: a parameter whose first gradient comes after
     the others' (a momentum buffer missing beside existing ones, also after resuming from a state without it)
@@ -25,11 +42,6 @@ class FusedSGD(torch.optim.SGD):
         started = [self.state.get(p, {}).get("momentum_buffer") is not None for p in group["params"]
                    if p.grad is not None]
         return any(started) and not all(started)
-
-    def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
-        for group in self.param_groups:
-            group["fused"], group["foreach"] = True, None
 
 
 def fused_sgd(sgd):
