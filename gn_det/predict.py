@@ -245,7 +245,7 @@ def coco_ids(paths, coco_json, metadata):
 
 def coco_results(instances, image_id, file_name, to_dataset_id, class_names):
     """COCO results of one image's instances (detectron2's ``instances_to_coco_json``) with dataset category
-    ids, category names and the image's file name."""
+    ids, category names and ``file_name``, the image's path as given."""
     results = instances_to_coco_json(instances, image_id)
     for result in results:
         contiguous_id = result["category_id"]
