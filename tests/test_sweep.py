@@ -148,6 +148,9 @@ def test_options_for_every_cell_may_not_set_what_each_cell_sets(tmp_path):
         with pytest.raises(InputError, match=f"^command line: {key} is set by each cell of the sweep"):
             check_sweep_options(cells, GN_SHAPES, ["SOLVER.BASE_LR", "0.1", key, value])
     check_sweep_options(cells, GN_SHAPES, ["MODEL.GN.EPS", "0.0001", "SOLVER.REFERENCE_IMS_PER_BATCH", "2"])
+    # a norm at a site no cell sets would be the same in every cell, BN* cells included
+    with pytest.raises(InputError, match=r"^command line: MODEL\.RPN\.NORM='GN': a sweep sets the norm of the backbone, "):
+        check_sweep_options(expand_grid(["BN*"], [2]), GN_SHAPES, ["MODEL.RPN.NORM", "GN"])
     out = tmp_path / "sweep"
     message = tool_exit_message("sweep.py", "--norms", "GN", "--groups", "8", "--ims", "1", "--out", out,
                                 "SOLVER.IMS_PER_BATCH", "2", "MODEL.GN.NUM_GROUPS", "16")

@@ -18,7 +18,7 @@ from typing import List, Optional
 
 from tabulate import tabulate
 
-from ..config import NORM_SITE_KEYS, get_gn_cfg
+from ..config import NORM_SITE_KEYS, get_gn_cfg, select
 from ..errors import InputError
 from ..fileio import atomic_write, save_figure, write_json_atomically
 from .runs import Run
@@ -202,11 +202,18 @@ def check_trailing_options(opts):
 def check_sweep_options(cells, config_file, opts=(), cuda_devices=0):
     """Reject ``opts`` that override a cell's own settings (:func:`check_trailing_options`), then load the config
     of every supported cell (``config_file``, the cell's options, then ``opts``), so a bad KEY VALUE (unknown key,
-    wrong type, invalid setting) is an InputError before any cell is trained."""
+    wrong type, invalid setting) is an InputError before any cell is trained, as is a norm at a site the cells do
+    not set (``MODEL.RPN.NORM``, ``MODEL.RETINANET.NORM``)."""
     check_trailing_options(opts)
     for cell in cells:
         if not cell.unsupported_reason():
-            get_gn_cfg(config_file, [*cell.opts(cuda_devices), *opts])
+            cfg = get_gn_cfg(config_file, [*cell.opts(cuda_devices), *opts])
+            for key in set(NORM_SITE_KEYS) - set(SITE_KEYS):
+                if select(cfg, key):  # the same in every cell: a BN* cell would not be BN*
+                    source = "command line" if key in list(opts)[::2] else config_file
+                    raise InputError(f"{source}: {key}={select(cfg, key)!r}: a sweep sets the norm of the "
+                                     f"backbone, FPN, box and mask heads in each cell and would keep this one in "
+                                     f"every cell; set {key} '' for the sweep")
 
 
 def run_sweep(cells, out_dir, config_file, train_command, opts=(), cuda_devices=0):
