@@ -102,10 +102,11 @@ def test_paper_protocol_chain_at_tiny_size(tmp_path, tiny_root, capsys):
                 f"'tiny_val={tiny_root}/val.json,{tiny_root}/val']")
     capsys.readouterr()
     # the tool in this process; each fine-tuning run still trains in a train_net.py subprocess
-    tool_main("paper_protocol.py", "--weights-dir", weights, "--out", out, "--pretrain-data",
-              tmp_path / "pretrain_shapes", "--pretrain-images", "6", "2", "--pretrain-iters", "2",
-              "--pretrain-batch-size", "4", "DATASETS.REGISTER", register, "DATASETS.TRAIN", "('tiny_train',)",
-              "DATASETS.TEST", "('tiny_val',)", *SMALL, "SOLVER.MAX_ITER", "2")
+    args = ["--weights-dir", weights, "--out", out, "--pretrain-data", tmp_path / "pretrain_shapes",
+            "--pretrain-images", "6", "2", "--pretrain-iters", "2", "--pretrain-batch-size", "4",
+            "DATASETS.REGISTER", register, "DATASETS.TRAIN", "('tiny_train',)", "DATASETS.TEST", "('tiny_val',)", *SMALL,
+            "SOLVER.MAX_ITER", "2"]
+    tool_main("paper_protocol.py", *args)
     stdout = capsys.readouterr().out
     for norm, name in (("GN", "shapes_resnet18_gn"), ("BN", "shapes_resnet18_bn")):
         assert (weights / f"{name}.pth").exists()
@@ -121,6 +122,19 @@ def test_paper_protocol_chain_at_tiny_size(tmp_path, tiny_root, capsys):
     table = (out / "comparison.md").read_text()
     assert "GN, pretrained GN" in table and "BN*, pretrained BN" in table and "Pretraining" in table
     assert (out / "comparison.png").stat().st_size > 10_000 and (out / "comparison.csv").exists()
+
+    # what the protocol keeps was made as asked, or the run stops in one line before touching anything
+    before = sorted((str(p), p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
+    other_pretraining = list(args)
+    other_pretraining[other_pretraining.index("--pretrain-iters") + 1] = "3"
+    assert tool_exit_message("paper_protocol.py", *other_pretraining) == (
+        f"paper_protocol.py: error: {weights}/shapes_resnet18_gn.pth was pretrained with iters=2 "
+        f"({weights}/shapes_resnet18_gn.json), not the 3 asked; delete it or give another --weights-dir")
+    gn_run = out / FINETUNE_CONFIGS["GN"][:-len(".yaml")]
+    assert tool_exit_message("paper_protocol.py", *args[:-1], "3") == (
+        f"paper_protocol.py: error: {gn_run} holds a finished run started with other options (see "
+        f"{gn_run}/sweep_cell.json); delete the folder or give another --out")
+    assert sorted((str(p), p.stat().st_mtime_ns) for p in tmp_path.rglob("*")) == before
 
 
 def test_pretrain_data_is_generated_per_image_count_and_a_folder_of_other_counts_is_refused(tmp_path, monkeypatch):

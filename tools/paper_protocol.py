@@ -6,7 +6,9 @@ convert them (GN -> GN, BN -> BN*), fine-tune Mask R-CNN from each on the shapes
     python tools/paper_protocol.py --scratch                # + GN and BN* trained from scratch, for reference
     python tools/paper_protocol.py --pretrain-iters 200 SOLVER.MAX_ITER 100    # shorter
 
-Steps (each is skipped when its result is already there, so an interrupted protocol continues):
+Steps (each is skipped when its result is already there, so an interrupted protocol continues; a classifier or
+run kept from before must have been made with these settings, as its summary JSON or the run's sweep_cell.json
+record says, else the protocol stops in one line before anything is trained or written):
  1. tools/pretrain_classifier.py for each norm -> WEIGHTS_DIR/shapes_resnet18_{gn,bn}.pth (+ .json summary)
  2. tools/convert_weights.py -> WEIGHTS_DIR/shapes_resnet18_{gn,bn}.pkl, checked against the fine-tuning config:
     every ResNet parameter matched, INPUT.FORMAT / PIXEL_MEAN / PIXEL_STD / STRIDE_IN_1X1 as in pretraining
@@ -25,6 +27,7 @@ from gn_det.analysis.pretrain import (
     SCRATCH_CONFIGS,
     WEIGHTS_NAMES,
     check_pretrain_settings,
+    check_pretrained_as_asked,
     convert_and_check,
     ensure_pretrain_data,
     pretrain_and_save,
@@ -32,10 +35,17 @@ from gn_det.analysis.pretrain import (
     summary_path,
 )
 from gn_det.analysis.runs import Run, comparison_rows, markdown_table, plot_runs, write_csv
-from gn_det.analysis.sweep import run_finished, train_in_subprocess, train_net_command
+from gn_det.analysis.sweep import (
+    CELL_FILE,
+    command_opts,
+    other_options_state,
+    run_finished,
+    train_in_subprocess,
+    train_net_command,
+)
 from gn_det.config import get_gn_cfg
-from gn_det.errors import exit_on_input_error
-from gn_det.fileio import atomic_write, read_json
+from gn_det.errors import InputError, exit_on_input_error
+from gn_det.fileio import atomic_write, read_json, write_json_atomically
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 SHAPES_CONFIGS = os.path.join(os.path.dirname(TOOLS), "configs", "shapes")
@@ -77,47 +87,74 @@ def pretrain(args, norm, state_dict):
           f"wrote {state_dict}", flush=True)
 
 
+def fine_tune_command(config, run_dir, opts):
+    return [*train_net_command(TOOLS), "--config-file", config, "--resume", *opts, "OUTPUT_DIR", run_dir]
+
+
+def check_kept_run(config, run_dir, opts):
+    """A run the protocol would keep or resume must have been started with these options (the record it writes,
+    as a sweep's cells do): an InputError naming the folder otherwise."""
+    state = other_options_state(run_dir, fine_tune_command(config, run_dir, opts))
+    if state:
+        raise InputError(f"{run_dir} holds a {state} run started with other options (see "
+                         f"{os.path.join(run_dir, CELL_FILE)}); delete the folder or give another --out")
+
+
 def fine_tune(label, config, run_dir, opts):
     """Train ``config`` into ``run_dir`` unless it finished already; returns an error line or None."""
     if run_finished(run_dir):
         print(f"[{label}] {run_dir} finished already, kept")
         return None
     print(f"[{label}] training {os.path.relpath(config)} into {run_dir} (log in {run_dir}/log.txt) ...", flush=True)
-    command = [*train_net_command(TOOLS), "--config-file", config, "--resume", *opts, "OUTPUT_DIR", run_dir]
+    command = fine_tune_command(config, run_dir, opts)
+    write_json_atomically(os.path.join(run_dir, CELL_FILE), {"opts": command_opts(command), "command": command})
     error, seconds = train_in_subprocess(command, run_dir)
     print(f"[{label}] {'failed: ' + error if error else 'trained'} ({seconds / 60:.1f} min)", flush=True)
     return error
 
 
+def planned_runs(args):
+    """(label, config, run dir, options) of every run the protocol trains, in order."""
+    runs = []
+    for norm in args.norms:
+        checkpoint = os.path.join(args.weights_dir, WEIGHTS_NAMES[norm]) + ".pkl"
+        runs.append((FINETUNE_LABELS[norm], os.path.join(SHAPES_CONFIGS, FINETUNE_CONFIGS[norm]),
+                     os.path.join(args.out, FINETUNE_CONFIGS[norm][:-len(".yaml")]),
+                     [*args.opts, "MODEL.WEIGHTS", checkpoint]))
+    if args.scratch:
+        for norm in args.norms:
+            runs.append((SCRATCH_LABELS[norm], os.path.join(SHAPES_CONFIGS, SCRATCH_CONFIGS[norm]),
+                         os.path.join(args.out, SCRATCH_CONFIGS[norm][:-len(".yaml")]), list(args.opts)))
+    return runs
+
+
 def main():
     args = argument_parser().parse_args()
     check_pretrain_settings(args.pretrain_iters, args.pretrain_batch_size)
-    for norm in args.norms:  # a bad KEY VALUE stops here, before anything is trained or written
-        get_gn_cfg(os.path.join(SHAPES_CONFIGS, FINETUNE_CONFIGS[norm]), args.opts)
-        if args.scratch:
-            get_gn_cfg(os.path.join(SHAPES_CONFIGS, SCRATCH_CONFIGS[norm]), args.opts)
+    # bad input stops here, before anything is trained or written: a bad KEY VALUE, and kept files or runs that
+    # were made with other settings than these
+    pretrain_data = args.pretrain_data or pretrain_data_root(*args.pretrain_images)
+    for norm in args.norms:
+        check_pretrained_as_asked(os.path.join(args.weights_dir, WEIGHTS_NAMES[norm]) + ".pth", pretrain_data,
+                                  args.pretrain_iters, args.pretrain_batch_size)
+    runs = planned_runs(args)
+    for _, config, run_dir, opts in runs:
+        get_gn_cfg(config, opts)
+        check_kept_run(config, run_dir, opts)
     setup_logger(name="gn_det", abbrev_name="gn_det")
-    runs, failed = [], False
+    failed = False
     for norm in args.norms:
         base = os.path.join(args.weights_dir, WEIGHTS_NAMES[norm])
         state_dict, checkpoint = base + ".pth", base + ".pkl"
-        config = os.path.join(SHAPES_CONFIGS, FINETUNE_CONFIGS[norm])
         pretrain(args, norm, state_dict)
-        _, match = convert_and_check(state_dict, checkpoint, config, args.opts)
+        _, match = convert_and_check(state_dict, checkpoint, os.path.join(SHAPES_CONFIGS, FINETUNE_CONFIGS[norm]),
+                                     args.opts)
         print(f"[{norm}] converted to {checkpoint}: all {len(match.matched)} ResNet parameters of "
               f"{FINETUNE_CONFIGS[norm]} matched", flush=True)
-        run_dir = os.path.join(args.out, FINETUNE_CONFIGS[norm][:-len(".yaml")])
-        opts = [*args.opts, "MODEL.WEIGHTS", checkpoint]
-        failed |= fine_tune(FINETUNE_LABELS[norm], config, run_dir, opts) is not None
-        runs.append((FINETUNE_LABELS[norm], run_dir))
-    if args.scratch:
-        for norm in args.norms:
-            run_dir = os.path.join(args.out, SCRATCH_CONFIGS[norm][:-len(".yaml")])
-            config = os.path.join(SHAPES_CONFIGS, SCRATCH_CONFIGS[norm])
-            failed |= fine_tune(SCRATCH_LABELS[norm], config, run_dir, args.opts) is not None
-            runs.append((SCRATCH_LABELS[norm], run_dir))
+    for label, config, run_dir, opts in runs:
+        failed |= fine_tune(label, config, run_dir, opts) is not None
 
-    finished = [Run(run_dir, name=label) for label, run_dir in runs if run_finished(run_dir)]
+    finished = [Run(run_dir, name=label) for label, _, run_dir, _ in runs if run_finished(run_dir)]
     if finished:
         table = markdown_table(comparison_rows(finished))
         accuracies = []

@@ -253,6 +253,21 @@ def summary_path(state_dict_path):
     return os.path.splitext(state_dict_path)[0] + ".json"
 
 
+def check_pretrained_as_asked(state_dict_path, data_root, iters, batch_size):
+    """An InputError naming the file and the setting when a pretrained state dict that the protocol would keep was
+    trained on other data or with other settings than asked (its :func:`summary_path` says). A state dict without
+    gn-det's summary (one the user put there) is kept as it is."""
+    path = summary_path(state_dict_path)
+    if not (os.path.isfile(state_dict_path) and os.path.isfile(path)):
+        return
+    summary = read_json(path, "pretraining summary")
+    asked = {"data_root": os.path.abspath(data_root), "iters": iters, "batch_size": batch_size}
+    for key, value in asked.items():
+        if summary.get(key) != value:
+            raise InputError(f"{state_dict_path} was pretrained with {key}={summary.get(key)!r} ({path}), not the "
+                             f"{value!r} asked; delete it or give another --weights-dir")
+
+
 def convert_and_check(state_dict_path, checkpoint_path, config_file, opts=()):
     """Convert a pretrained classifier (:func:`gn_det.checkpoint.convert_weights`: GN -> GN, BN -> FrozenBN) and
     check that the Mask R-CNN of ``config_file`` (+ ``opts``) loads every ResNet parameter from it, with the
