@@ -13,6 +13,7 @@ pytestmark = pytest.mark.slow  # tool subprocesses and training runs
 from conftest import CONFIG_DIR, tool_exit_message, tool_main  # noqa: E402
 from gn_det.analysis.sweep import (  # noqa: E402
     Cell,
+    check_feature_stats_options,
     check_sweep_options,
     expand_grid,
     norm_label,
@@ -148,6 +149,15 @@ def test_options_for_every_cell_may_not_set_what_each_cell_sets(tmp_path):
         with pytest.raises(InputError, match=f"^command line: {key} is set by each cell of the sweep"):
             check_sweep_options(cells, GN_SHAPES, ["SOLVER.BASE_LR", "0.1", key, value])
     check_sweep_options(cells, GN_SHAPES, ["MODEL.GN.EPS", "0.0001", "SOLVER.REFERENCE_IMS_PER_BATCH", "2"])
+    # the feature-stats options are checked in every cell's model before any cell trains
+    check_feature_stats_options(cells, GN_SHAPES, None, 1)
+    with pytest.raises(InputError, match=r"^feature stats period=0 must be >= 1$"):
+        check_feature_stats_options(cells, GN_SHAPES, None, 0)
+    layer = "roi_heads.box_head.conv1.norm"  # a head norm: in GN cells, not in BN* cells (no head norm)
+    check_feature_stats_options(expand_grid(["GN"], [2]), GN_SHAPES, layer, 1)
+    with pytest.raises(InputError, match=rf"^--feature-layer in cell norm=BNstar,ims=2: the model has no module "
+                                         rf"'{layer}' to record features of"):
+        check_feature_stats_options(expand_grid(["GN", "BN*"], [2]), GN_SHAPES, layer, 1)
     # a norm at a site no cell sets would be the same in every cell, BN* cells included
     with pytest.raises(InputError, match=r"^command line: MODEL\.RPN\.NORM='GN': a sweep sets the norm of the backbone, "):
         check_sweep_options(expand_grid(["BN*"], [2]), GN_SHAPES, ["MODEL.RPN.NORM", "GN"])

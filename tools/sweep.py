@@ -28,6 +28,7 @@ from gn_det.analysis.sweep import (
     GROUPED_NORMS,
     NORM_SLUGS,
     cell_command,
+    check_feature_stats_options,
     check_sweep_options,
     expand_grid,
     has_checkpoint,
@@ -96,6 +97,9 @@ def main():
     args = argument_parser().parse_args()
     cells = expand_grid(args.norms, args.ims, args.groups, args.dim_per_group)
     check_sweep_options(cells, args.config, args.opts, torch.cuda.device_count())
+    if args.feature_stats:
+        check_feature_stats_options(cells, args.config, args.feature_layer, args.feature_period, args.opts,
+                                    torch.cuda.device_count())
     if args.dry_run:
         for cell in cells:
             print(f"{cell.name}: {describe(cell, os.path.join(args.out, cell.name), args)}")

@@ -16,11 +16,13 @@ import sys
 import time
 from typing import List, Optional
 
+from detectron2.modeling import build_model
 from tabulate import tabulate
 
 from ..config import NORM_SITE_KEYS, get_gn_cfg, select
 from ..errors import InputError
 from ..fileio import atomic_write, save_figure, write_json_atomically
+from .feature_stats_hook import check_hook_settings, resolve_feature_layer
 from .runs import Run
 
 RESULTS_FILE = "results.json"  # written by GNTrainer.test after each evaluation
@@ -214,6 +216,22 @@ def check_sweep_options(cells, config_file, opts=(), cuda_devices=0):
                     raise InputError(f"{source}: {key}={select(cfg, key)!r}: a sweep sets the norm of the "
                                      f"backbone, FPN, box and mask heads in each cell and would keep this one in "
                                      f"every cell; set {key} '' for the sweep")
+
+
+def check_feature_stats_options(cells, config_file, layer, period, opts=(), cuda_devices=0):
+    """``--feature-period`` and ``--feature-layer`` (None: the default layer, which every ResNet has) as
+    tools/feature_stats.py would check them in each cell, here before any cell is trained: a layer is looked up
+    in every supported cell's model (a norm module exists only in the cells that have that norm)."""
+    check_hook_settings(None, period)
+    if layer is None:
+        return
+    for cell in cells:
+        if not cell.unsupported_reason():
+            model = build_model(get_gn_cfg(config_file, [*cell.opts(cuda_devices), *opts, "MODEL.DEVICE", "cpu"]))
+            try:
+                resolve_feature_layer(model, layer)
+            except InputError as err:
+                raise InputError(f"--feature-layer in cell {cell.name}: {err}") from None
 
 
 def run_sweep(cells, out_dir, config_file, train_command, opts=(), cuda_devices=0):
