@@ -18,7 +18,7 @@ from detectron2.engine import DefaultPredictor  # noqa: E402
 from detectron2.modeling import GeneralizedRCNN, build_model  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
-from conftest import CONFIG_DIR, GN_FPN, TINY_OPTS, tool_exit_message, tool_main  # noqa: E402
+from conftest import BNSTAR_FPN, CONFIG_DIR, GN_FPN, TINY_OPTS, tool_exit_message, tool_main  # noqa: E402
 from gn_det.config import get_gn_cfg  # noqa: E402
 from gn_det.analysis.random_inputs import random_detection_batch  # noqa: E402
 
@@ -242,6 +242,25 @@ def test_benchmark_tool_smoke(tmp_path, capsys, monkeypatch):
         for phase in ("train_times", "infer_times"):  # two timed calls per phase, their median reported
             assert len(result[phase]["wall_s"]) == len(result[phase]["cpu_s"]) == 2
         assert result["train_s_per_iter"] == pytest.approx(sum(result["train_times"]["wall_s"]) / 2)
+
+
+def test_benchmark_calibrates_frozen_bn_statistics_and_runs_no_pass_for_other_models():
+    """The calibration pass sets BN* statistics to its input's; a model without FrozenBN gets no pass, which
+    would count in its inference peak memory."""
+    from detectron2.layers import FrozenBatchNorm2d
+
+    from gn_det.analysis.benchmark import calibrate_frozen_batchnorm
+
+    batch = [{"image": torch.rand(3, 64, 64) * 255}]
+    for config, calibrated in ((BNSTAR_FPN, True), (GN_FPN, False)):
+        model = build(config=config)
+        passes = []
+        model.backbone.register_forward_hook(lambda *_: passes.append(1))
+        stem_norm = model.backbone.bottom_up.stem.conv1.norm
+        calibrate_frozen_batchnorm(model, batch)
+        assert len(passes) == calibrated and isinstance(stem_norm, FrozenBatchNorm2d) == calibrated
+        if calibrated:
+            assert not torch.equal(stem_norm.running_mean, torch.zeros_like(stem_norm.running_mean))
 
 
 def test_export_protocol_table_names_each_file_and_compares_with_the_fastest_stock_path():

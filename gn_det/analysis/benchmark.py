@@ -237,6 +237,8 @@ def calibrate_frozen_batchnorm(model, batch):
 
     hooks = [m.register_forward_pre_hook(use_input_statistics) for m in model.modules()
              if isinstance(m, FrozenBatchNorm2d)]
+    if not hooks:  # GN and BN models: nothing to calibrate, and no pass to count in their peak memory
+        return
     with torch.no_grad():
         model.backbone(model.preprocess_image(batch).tensor)
     for hook in hooks:
@@ -279,12 +281,12 @@ def measure_variant(name, args):
         autocast = functools.partial(torch.autocast, device.type, dtype=torch.float16)
     if VARIANTS[name].get("compile"):  # what a user adds without gn-det: compile the backbone (most of the work)
         model.backbone = torch.compile(model.backbone)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     batch = random_detection_batch(num_images=args.images, height=args.size, width=args.size,
                                    num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES)
     test_batch = [{key: value for key, value in item.items() if key != "instances"} for item in batch]
     calibrate_frozen_batchnorm(model, test_batch)
+    if device.type == "cuda":  # after the calibration pass (on CPU the RSS high-water mark cannot be reset)
+        torch.cuda.reset_peak_memory_stats(device)
 
     model.eval()
     if args.protocol == "export":
