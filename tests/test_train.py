@@ -129,10 +129,11 @@ def test_converted_gn_weights_into_bnstar_model_fail_before_training(tmp_path, t
     assert not list(out.glob("*.pth"))
 
 
-def test_cuda_falls_back_to_cpu_only_without_a_cuda_device():
+def test_cuda_falls_back_to_cpu_only_without_a_cuda_device(monkeypatch):
     import torch
     from omegaconf import OmegaConf
 
+    import gn_det.config
     from gn_det.config import adapt_to_this_machine, get_gn_cfg
 
     cfg = get_gn_cfg(opts=["MODEL.DEVICE", "cpu"])
@@ -146,3 +147,15 @@ def test_cuda_falls_back_to_cpu_only_without_a_cuda_device():
     assert lazy.model.precision == "fp32"
     model_without_precision = OmegaConf.create({"train": {"device": "cpu"}, "model": {}})
     assert adapt_to_this_machine(model_without_precision) == [] and "precision" not in model_without_precision.model
+    # bf16 asked for CUDA on a machine without it: the CPU, then the CPU's precision, one line each, in that order
+    monkeypatch.setattr(gn_det.config, "cpu_has_bf16_kernels", lambda: False)
+    gn = ["MODEL.META_ARCHITECTURE", "GNGeneralizedRCNN", "MODEL.PRECISION", "bf16"]
+    cfg = get_gn_cfg(opts=gn + ["MODEL.DEVICE", "cuda"])
+    lines = adapt_to_this_machine(cfg)
+    if torch.cuda.is_available():
+        assert (lines, cfg.MODEL.DEVICE, cfg.MODEL.PRECISION) == ([], "cuda", "bf16")
+    else:
+        assert [line.split(":")[0] for line in lines] == ["No CUDA device", "No oneDNN bf16 kernels for this CPU (x86"]
+        assert (cfg.MODEL.DEVICE, cfg.MODEL.PRECISION) == ("cpu", "fp32")
+    cfg = get_gn_cfg(opts=gn + ["MODEL.DEVICE", "cpu"])
+    assert adapt_to_this_machine(cfg, keep_precision=True) == [] and cfg.MODEL.PRECISION == "bf16"  # an export
