@@ -18,7 +18,7 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.structures import Boxes, Instances, RotatedBoxes
 
-from gn_det import config as gn_config
+import gn_det.config
 from gn_det.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class PrecisionLayoutMixin:
             return contextlib.nullcontext()
         if (self.precision == "bf16" and self.device.type == "cpu" and not self.warned_of_emulated_bf16
                 and not (torch.jit.is_tracing() or torch.compiler.is_compiling())  # an export records no check
-                and not gn_config.cpu_has_bf16_kernels()):
+                and not gn_det.config.cpu_has_bf16_kernels()):
             # gn-det's tools run such a config in fp32 (gn_det.config.adapt_to_this_machine); a model built by the
             # user's own code (DefaultPredictor, instantiate) computes as asked, and says what that costs
             logger.warning("precision='bf16' on a CPU without oneDNN bf16 kernels (x86: AVX512 or newer): torch "
