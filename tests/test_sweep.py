@@ -214,6 +214,16 @@ def test_a_cell_interrupted_with_other_options_is_not_resumed_and_keeps_its_reco
         (cells[0].name, "started"), (cells[0].name, "trained")]
     assert json.loads((run_dir / "calls.jsonl").read_text().splitlines()[-1])[-len(SHORT) - 2:-2] == SHORT
 
+    # a record that is not one is one line naming it
+    dry_run = ["--dry-run", "--norms", "GN", "--ims", "4", "--out", out]
+    (run_dir / "sweep_cell.json").write_text('{"opts": ')
+    assert tool_exit_message("sweep.py", *dry_run).startswith(
+        f"sweep.py: error: sweep cell record {run_dir}/sweep_cell.json is not valid JSON: ")
+    (run_dir / "sweep_cell.json").write_text('{"cell": "GN"}')
+    assert tool_exit_message("sweep.py", *dry_run) == (
+        f"sweep.py: error: sweep cell record {run_dir}/sweep_cell.json holds no list of options ('opts'); delete it "
+        "with its folder")
+
 
 def test_a_cell_finished_with_other_options_stays_out_of_the_tables(tmp_path, fake_train, sweep):
     out = tmp_path / "sweep"

@@ -9,7 +9,6 @@ tables: box/mask AP by norm and images per batch (Table 2), and by group setting
 """
 import csv
 import dataclasses
-import json
 import os
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from tabulate import tabulate
 
 from ..config import NORM_SITE_KEYS, get_gn_cfg, select
 from ..errors import InputError
-from ..fileio import atomic_write, save_figure, write_json_atomically
+from ..fileio import atomic_write, read_json, save_figure, write_json_atomically
 from .feature_stats_hook import check_hook_settings, resolve_feature_layer
 from .runs import Run
 
@@ -320,11 +319,15 @@ def other_options_detail(state, run_dir):
 
 
 def read_cell_file(run_dir):
+    """The record of the options a run in ``run_dir`` was started with (its :data:`CELL_FILE`), or None without
+    one; an InputError naming the file when it is not such a record."""
     path = os.path.join(run_dir, CELL_FILE)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    recorded = read_json(path, "sweep cell record")
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("opts"), list):
+        raise InputError(f"sweep cell record {path} holds no list of options ('opts'); delete it with its folder")
+    return recorded
 
 
 def last_line(path):
