@@ -197,6 +197,23 @@ def test_sheet_pads_images_of_different_sizes_and_every_png_is_written_whole(fak
     assert not [name for name in os.listdir(out) if name.endswith(".tmp.png")]
 
 
+@pytest.mark.parametrize("content, message", [
+    (b"not a pickle", ""),  # what the weights reader says of a file it cannot read or refuses
+    (None, "are not COCOEvaluator's list of per-image predictions"),
+], ids=["not_a_torch_file", "not_predictions"])
+def test_saved_predictions_that_are_not_are_one_line_naming_the_file(fake_runs, tmp_path, content, message):
+    dataset, run_dirs = fake_runs
+    path = os.path.join(run_dirs[1], "inference", dataset, "instances_predictions.pth")
+    if content is None:
+        torch.save({"not": "a list"}, path)
+    else:
+        with open(path, "wb") as f:
+            f.write(content)
+    line = tool_exit_message("visualize.py", *run_dirs, "--dataset", dataset, "--out", tmp_path / "pictures")
+    assert line.startswith(f"visualize.py: error: saved predictions {path} ") and message in line
+    assert not (tmp_path / "pictures").exists()
+
+
 def test_panel_titles_give_the_ap_of_the_dataset_drawn(fake_runs, tmp_path, monkeypatch):
     dataset, run_dirs = fake_runs
     titles, titled = [], visualize.titled

@@ -19,6 +19,7 @@ from detectron2.data.detection_utils import read_image
 from detectron2.structures import BoxMode, Boxes, Instances
 from detectron2.utils.visualizer import Visualizer
 
+from gn_det.checkpoint.reader import read_weights
 from gn_det.errors import InputError
 from gn_det.fileio import atomic_write
 
@@ -70,8 +71,12 @@ def evaluate_run(cfg, model):
 
 
 def load_predictions(run_dir, dataset):
-    """{image_id: [COCO result dicts]} that COCOEvaluator saved for ``dataset`` in ``run_dir``."""
-    saved = torch.load(predictions_path(run_dir, dataset), map_location="cpu", weights_only=True)
+    """{image_id: [COCO result dicts]} that COCOEvaluator saved for ``dataset`` in ``run_dir``, read by the checked
+    reader (nothing in the file runs); an InputError naming the file when it is not such a list."""
+    path = predictions_path(run_dir, dataset)
+    saved = read_weights(path, "saved predictions")
+    if not (isinstance(saved, list) and all(isinstance(p, dict) and "image_id" in p for p in saved)):
+        raise InputError(f"saved predictions {path} are not COCOEvaluator's list of per-image predictions")
     return {p["image_id"]: p.get("instances", []) for p in saved}
 
 
@@ -258,10 +263,13 @@ def visualize_runs(run_dirs, out_dir, labels=None, dataset=None, num_images=4, s
     metadata = MetadataCatalog.get(dataset)
 
     loaded = {position: load_run_model(dataset, *plan) for position, plan in to_evaluate.items()}
+    saved = {position: load_predictions(run.output_dir, dataset) for position, run in enumerate(runs)
+             if position not in to_evaluate}  # read, and checked, before out_dir is made
     os.makedirs(out_dir, exist_ok=True)
     for position, (cfg, model) in loaded.items():
         runs[position] = Run(evaluate_run(cfg, model), labels[position])
-    predictions = [load_predictions(run.output_dir, dataset) for run in runs]
+        saved[position] = load_predictions(runs[position].output_dir, dataset)
+    predictions = [saved[position] for position in range(len(runs))]
     chosen = choose_images(records, predictions, num_images, selection, score_threshold)
     rows, paths = [], []
     for record, name in zip(chosen, image_names(chosen)):
