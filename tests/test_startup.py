@@ -41,9 +41,11 @@ def test_summary_rows_give_every_run_and_the_ratio_of_medians():
 
 @pytest.mark.slow
 def test_benchmark_times_both_sides_on_a_small_set(d2, tmp_path):
+    # gn-det's second start ("gn_again") is the same command on a warm cache (the cache: tests/test_verdict.py)
+    sides = ("stock", "gn_first")
     report = startup.run_startup_benchmark(
-        str(tmp_path), processes=(1,), repeats=1, on_result=None,
+        str(tmp_path), processes=(1,), repeats=1, sides=sides, on_result=None,
         generate_kwargs={"num_images": 8, "num_annotations": 20, "num_categories": 80})
-    assert [(r["side"], r["processes"]) for r in report["runs"]] == [(side, 1) for side in startup.SIDES]
+    assert [(r["side"], r["processes"]) for r in report["runs"]] == [(side, 1) for side in sides]
     assert all(0 < r["cpu_seconds"] and 0 < r["seconds"] for r in report["runs"])
     assert report["dataset"]["images"] == 8
