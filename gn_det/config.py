@@ -4,6 +4,7 @@ Call ``add_gn_config(cfg)`` on a ``detectron2.config.get_cfg()`` before merging 
 does both and checks the result. Symbols in the comments are those of Wu & He, "Group Normalization",
 ECCV 2018 (Eq. 1-7 and Sec. 3-5).
 """
+import functools
 import os
 
 import yaml
@@ -269,6 +270,7 @@ def check_speed_keys(cfg, source="config"):
         )
 
 
+@functools.lru_cache(maxsize=None)  # the CPU does not change; models ask at every bf16 forward
 def cpu_has_bf16_kernels():
     """Whether oneDNN has bf16 kernels for this CPU (torch's check: AVX512 or newer on x86; AVX512-BF16 and AMX
     make them fast). Without them torch's fallback kernels compute bf16 convolutions and matrix products far

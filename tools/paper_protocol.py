@@ -37,15 +37,15 @@ from gn_det.analysis.pretrain import (
 from gn_det.analysis.runs import Run, comparison_rows, markdown_table, plot_runs, write_csv
 from gn_det.analysis.sweep import (
     CELL_FILE,
-    command_opts,
     other_options_state,
+    record_options,
     run_finished,
     train_in_subprocess,
     train_net_command,
 )
 from gn_det.config import get_gn_cfg
 from gn_det.errors import InputError, exit_on_input_error
-from gn_det.fileio import atomic_write, read_json, write_json_atomically
+from gn_det.fileio import atomic_write, read_json
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 SHAPES_CONFIGS = os.path.join(os.path.dirname(TOOLS), "configs", "shapes")
@@ -107,7 +107,7 @@ def fine_tune(label, config, run_dir, opts):
         return None
     print(f"[{label}] training {os.path.relpath(config)} into {run_dir} (log in {run_dir}/log.txt) ...", flush=True)
     command = fine_tune_command(config, run_dir, opts)
-    write_json_atomically(os.path.join(run_dir, CELL_FILE), {"opts": command_opts(command), "command": command})
+    record_options(run_dir, command)
     error, seconds = train_in_subprocess(command, run_dir)
     print(f"[{label}] {'failed: ' + error if error else 'trained'} ({seconds / 60:.1f} min)", flush=True)
     return error

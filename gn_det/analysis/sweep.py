@@ -209,10 +209,11 @@ def check_sweep_options(cells, config_file, opts=(), cuda_devices=0):
     for cell in cells:
         if not cell.unsupported_reason():
             cfg = get_gn_cfg(config_file, [*cell.opts(cuda_devices), *opts])
-            for key in set(NORM_SITE_KEYS) - set(SITE_KEYS):
-                if select(cfg, key):  # the same in every cell: a BN* cell would not be BN*
+            for key in (key for key in NORM_SITE_KEYS if key not in SITE_KEYS):
+                norm = select(cfg, key)
+                if norm:  # the same in every cell: a BN* cell would not be BN*
                     source = "command line" if key in list(opts)[::2] else config_file
-                    raise InputError(f"{source}: {key}={select(cfg, key)!r}: a sweep sets the norm of the "
+                    raise InputError(f"{source}: {key}={norm!r}: a sweep sets the norm of the "
                                      f"backbone, FPN, box and mask heads in each cell and would keep this one in "
                                      f"every cell; set {key} '' for the sweep")
 
@@ -258,8 +259,7 @@ def run_sweep(cells, out_dir, config_file, train_command, opts=(), cuda_devices=
         if run_finished(run_dir):
             yield CellReport(cell, run_dir, "finished")
             continue
-        write_json_atomically(os.path.join(run_dir, CELL_FILE),
-                              {"cell": cell.name, "opts": command_opts(command), "command": command})
+        record_options(run_dir, command, cell=cell.name)
         resuming = has_checkpoint(run_dir)
         yield CellReport(cell, run_dir, "started", "resuming from its last checkpoint" if resuming else "")
         error, seconds = train_in_subprocess(command, run_dir)
@@ -283,6 +283,13 @@ def train_in_subprocess(command, run_dir):
 def command_opts(command):
     """The part of a cell's command that decides its result: everything after the launcher and script."""
     return command[command.index("--config-file"):]
+
+
+def record_options(run_dir, command, **extra):
+    """Write ``run_dir``'s :data:`CELL_FILE`: the options ``command`` starts the run with (what
+    :func:`other_options_state` compares a later command against), the command, and ``extra`` fields."""
+    write_json_atomically(os.path.join(run_dir, CELL_FILE),
+                          {**extra, "opts": command_opts(command), "command": command})
 
 
 def comparable_opts(opts):
