@@ -287,9 +287,9 @@ def adapt_to_this_machine(cfg, device=None, keep_precision=False):
     where both config systems' tools (train_net, predict, visualize) do it:
 
     * CUDA named where there is no CUDA device runs on the CPU;
-    * "bf16" on a CPU without oneDNN bf16 kernels runs in "fp32" (emulated bf16 is a slowdown of about 9x for a
-      convolution and 160x for a matrix product there, never a speed-up), unless ``keep_precision`` (an export,
-      built for the machine that serves it).
+    * "bf16" on a CPU without oneDNN bf16 kernels runs in "fp32" (emulated bf16 is several times slower there,
+      never a speed-up: docs/SPEED.md), unless ``keep_precision`` (an export, built for the machine that serves
+      it).
 
     ``device`` (a tool's ``--device``) replaces the config's device, and the line names ``--device``. A model
     without gn-det's precision switch (a Python config's model without ``precision``) keeps its precision.
