@@ -1,4 +1,8 @@
-"""Every config file loads and builds; the norm at each site is what the config says; group settings."""
+"""Every config file loads and builds; the norm at each site is what the config says; group settings.
+
+The every-config tests build on torch's meta device: every builder and every check runs, and each layer gets
+parameters of its shape, but no initial values are drawn (about 5x faster for R-50/R-101). The tests of what a
+built model holds build it on the CPU."""
 import glob
 import os
 
@@ -9,7 +13,7 @@ pytest.importorskip("detectron2")
 import torch  # noqa: E402
 from detectron2.layers import Conv2d, FrozenBatchNorm2d  # noqa: E402
 from detectron2.model_zoo import get_config_file  # noqa: E402
-from detectron2.modeling import build_model  # noqa: E402
+from detectron2.modeling import META_ARCH_REGISTRY, build_model  # noqa: E402
 
 from conftest import BNSTAR_FPN, CONFIG_DIR, GN_FPN  # noqa: E402
 from gn_det.config import get_gn_cfg  # noqa: E402
@@ -26,8 +30,11 @@ def build(path, *opts):
 @pytest.mark.zoo
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: os.path.relpath(p, CONFIG_DIR))
 def test_config_loads_and_builds(path):
-    model = build(path)
+    cfg = get_gn_cfg(path, ["MODEL.DEVICE", "cpu"])
+    with torch.device("meta"):  # build_model's body without its move to MODEL.DEVICE, which meta tensors refuse
+        model = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)(cfg)
     assert sum(p.numel() for p in model.parameters()) > 1_000_000
+    assert {p.device.type for p in model.parameters()} == {"meta"}
 
 
 @pytest.mark.parametrize("name", ["Base-RCNN-FPN.yaml", "Base-RCNN-C4.yaml"])
@@ -172,8 +179,9 @@ def test_python_config_loads_builds_and_survives_yaml(path, tmp_path):
     LazyConfig.save(cfg, saved)
     assert not os.path.exists(saved + ".pkl")  # plain YAML, no lambda or partial
     reloaded = LazyConfig.load(saved)
-    model = instantiate(reloaded.model)
-    assert repr(model) == repr(instantiate(cfg.model))
+    with torch.device("meta"):
+        model = instantiate(reloaded.model)
+        assert repr(model) == repr(instantiate(cfg.model))
     assert sum(p.numel() for p in model.parameters()) > 1_000_000
     assert reloaded.optimizer.params.weight_decay_norm == 0.0  # the paper's fine-tuning recipe
     twin = path[:-len(".py")] + ".yaml"

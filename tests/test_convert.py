@@ -16,7 +16,7 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from torch import nn  # noqa: E402
 
-from conftest import CONFIG_DIR, REPO, tool_exit_message  # noqa: E402
+from conftest import CONFIG_DIR, REPO, tool_exit_message, tool_main  # noqa: E402
 from gn_det.checkpoint import (  # noqa: E402
     WeightsMismatchError,
     check_weights_for_model,
@@ -289,18 +289,13 @@ def timm_name(d2_name):
     return f"{layer}.{conv.replace('conv', 'bn') if norm else conv}.{param}"
 
 
-def convert_cli(*args):
-    return subprocess.run([sys.executable, os.path.join(REPO, "tools", "convert_weights.py"), *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-
-
 @pytest.mark.slow
-def test_cli_converts_timm_resnet50_gn_and_the_model_trains(timm_gn_r50, tmp_path):
+def test_cli_converts_timm_resnet50_gn_and_the_model_trains(timm_gn_r50, tmp_path, capsys):
     source, source_path, _ = timm_gn_r50
     out = tmp_path / "weights" / "timm_resnet50_gn.pkl"
-    proc = convert_cli(source_path, str(out), "--config-file", GN_TIMM)
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
+    capsys.readouterr()
+    tool_main("convert_weights.py", source_path, out, "--config-file", GN_TIMM)
+    lines = capsys.readouterr().out.splitlines()
     assert "resnet50_gn.pth: timm ResNet-50, GN" in lines[0]
     assert "matched 159/159 parameters of gn-det's ResNet-50 (GN)" in lines
     assert "unused: fc.weight, fc.bias" in lines

@@ -53,8 +53,7 @@ def test_gn_fpn_mask_rcnn_trains_a_step():
 @pytest.mark.slow
 def test_c4_gn_trains_a_step():
     path = os.path.join(CONFIG_DIR, "COCO-InstanceSegmentation", "mask_rcnn_R_50_C4_2x_gn.yaml")
-    model, losses = train_step(get_gn_cfg(path, ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", "MODEL.GN.NUM_GROUPS",
-                                                 "16", *SMALL_INPUT]))
+    model, losses = train_step(get_gn_cfg(path, TINY_OPTS + SMALL_INPUT + ["MODEL.GN.NUM_GROUPS", "16"]))
     assert "loss_mask" in losses
     res5 = [m for m in model.roi_heads.res5.modules() if isinstance(m, torch.nn.GroupNorm)]
     assert res5 and all(m.num_groups == 16 for m in res5)
