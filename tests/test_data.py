@@ -365,6 +365,7 @@ def test_annotations_without_segmentation_are_recorded_and_refused_to_a_mask_mod
     check_segmentations("shapes_val", "DATASETS.TEST")  # registered without a check: nothing recorded
 
 
+@pytest.mark.slow  # a fresh interpreter importing detectron2
 def test_shapes_are_registered_lazily_at_import(d2, tmp_path):
     # A fresh interpreter: importing gn_det.data registers both splits and generates nothing.
     code = (
