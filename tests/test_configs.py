@@ -1,8 +1,8 @@
 """Every config file loads and builds; the norm at each site is what the config says; group settings.
 
 The every-config tests build on torch's meta device: every builder and every check runs, and each layer gets
-parameters of its shape, but no initial values are drawn (about 5x faster for R-50/R-101). The tests of what a
-built model holds build it on the CPU."""
+parameters of its shape, but no initial values are drawn (docs/TESTS.md). The tests of what a built model holds
+build it on the CPU."""
 import glob
 import os
 
