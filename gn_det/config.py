@@ -66,8 +66,8 @@ def add_gn_config(cfg):
     # wherever the model runs (training, evaluation, DefaultPredictor, distributed runs) and mean the same on
     # every device. Compute precision of the forward pass: "fp32", "bf16" (autocast; CPU and CUDA) or "fp16"
     # (autocast, CUDA only, trained with detectron2's AMPTrainer and its gradient scaler); outputs are float32.
-    # A run (train_net) on a CPU without oneDNN bf16 kernels runs "bf16" in "fp32" and logs it (emulated bf16 is
-    # several times slower there: available_precision).
+    # A run (train_net) on a device without bf16 kernels (a CPU without oneDNN's, an NVIDIA GPU below compute
+    # capability 8.0) runs "bf16" in "fp32" and logs it: torch emulates bf16 there (adapt_to_this_machine).
     cfg.MODEL.PRECISION = "fp32"
     # Convolution weights and the image batch in channels_last (NHWC), faster for oneDNN/cuDNN kernels.
     cfg.MODEL.CHANNELS_LAST = False
@@ -281,15 +281,40 @@ def cpu_has_bf16_kernels():
     return supported is None or bool(supported())  # a torch without the query: trust the config
 
 
+@functools.lru_cache(maxsize=None)  # a GPU does not change; models ask at every bf16 forward
+def gpu_compute_capability(index):
+    """(major, minor) CUDA compute capability of GPU ``index``."""
+    import torch
+
+    return torch.cuda.get_device_capability(index)
+
+
+def missing_bf16_kernels(device):
+    """Why ``device`` (a ``torch.device``) has no bf16 kernels, as the opening words of a log line, or None
+    where it has them. Without them torch emulates bf16 in float32: on a CPU without oneDNN's bf16 kernels
+    (docs/SPEED.md), and on an NVIDIA GPU below compute capability 8.0 (Ampere), which has no bf16 tensor cores
+    and no bf16 convolutions in cuDNN (torch's ``torch.cuda.is_bf16_supported(including_emulation=False)``
+    draws the same line). ROCm GPUs count as having them, as torch counts them."""
+    import torch
+
+    if device.type == "cpu" and not cpu_has_bf16_kernels():
+        return "No oneDNN bf16 kernels for this CPU (x86: AVX512 or newer)"
+    if device.type == "cuda" and not torch.version.hip:
+        major, minor = gpu_compute_capability(torch.cuda.current_device() if device.index is None else device.index)
+        if major < 8:
+            return f"No bf16 tensor cores on this GPU (compute capability {major}.{minor}; bf16 needs 8.0 or newer)"
+    return None
+
+
 def adapt_to_this_machine(cfg, device=None, keep_precision=False):
     """Adapt a YAML config (``MODEL.DEVICE``, ``MODEL.PRECISION``) or a Python config (``train.device``,
     ``model.precision``) in place to this machine, and return one line per change, naming the key. The one place
     where both config systems' tools (train_net, predict, visualize) do it:
 
     * CUDA named where there is no CUDA device runs on the CPU;
-    * "bf16" on a CPU without oneDNN bf16 kernels runs in "fp32" (emulated bf16 is several times slower there,
-      never a speed-up: docs/SPEED.md), unless ``keep_precision`` (an export, built for the machine that serves
-      it).
+    * "bf16" on a device without bf16 kernels (:func:`missing_bf16_kernels`) runs in "fp32" (emulated bf16 is
+      slower there, never a speed-up: docs/SPEED.md), unless ``keep_precision`` (an export, built for the
+      machine that serves it).
 
     ``device`` (a tool's ``--device``) replaces the config's device, and the line names ``--device``. A model
     without gn-det's precision switch (a Python config's model without ``precision``) keeps its precision.
@@ -312,10 +337,9 @@ def adapt_to_this_machine(cfg, device=None, keep_precision=False):
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         adjustments.append(f"No CUDA device: {device_key}={device!r} runs on CPU")
         device = "cpu"
-    if (precision == "bf16" and not keep_precision and torch.device(device).type == "cpu"
-            and not cpu_has_bf16_kernels()):
-        adjustments.append(f"No oneDNN bf16 kernels for this CPU (x86: AVX512 or newer): {precision_key}='bf16' "
-                           "runs in 'fp32' (emulated bf16 would be several times slower)")
+    missing = missing_bf16_kernels(torch.device(device)) if precision == "bf16" and not keep_precision else None
+    if missing:
+        adjustments.append(f"{missing}: {precision_key}='bf16' runs in 'fp32' (emulated bf16 would be slower)")
         precision = "fp32"
     if lazy:
         OmegaConf.update(cfg, "train.device", device, force_add=True)

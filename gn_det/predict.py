@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 
 def adapt_with_warnings(cfg, device=None, keep_precision=False):
-    """:func:`gn_det.config.adapt_to_this_machine` (no CUDA: CPU; bf16 on a CPU without oneDNN bf16 kernels:
+    """:func:`gn_det.config.adapt_to_this_machine` (no CUDA: CPU; bf16 on a device without bf16 kernels:
     fp32), each adjustment a warning."""
     for adjustment in adapt_to_this_machine(cfg, device, keep_precision):
         logger.warning(adjustment)
@@ -116,7 +116,7 @@ def load_predictor(config_file, weights, opts=(), device=None, backend="torch", 
     one; ``device`` overrides the config's device (CUDA falls back to CPU where there is none). With another
     ``backend`` than "torch", ``weights`` is a file exported by ``tools/export_model.py`` and runs in that
     backend on the CPU (``gn_det.deploy``); the config gives the resize and the class names. The model computes
-    in the config's precision, except bf16 on a CPU without oneDNN bf16 kernels, which runs in fp32 with a
+    in the config's precision, except bf16 on a device without bf16 kernels, which runs in fp32 with a
     warning, unless ``keep_precision`` (an export, built for the machine that serves it).
     """
     if backend not in BACKENDS:

@@ -19,7 +19,7 @@ from detectron2.modeling import build_model  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
 from conftest import GN_FPN, TINY_OPTS  # noqa: E402
-from gn_det.config import get_gn_cfg  # noqa: E402
+from gn_det.config import adapt_to_this_machine, get_gn_cfg, missing_bf16_kernels  # noqa: E402
 from gn_det.analysis.random_inputs import random_detection_batch  # noqa: E402
 from gn_det.solver import build_gn_optimizer  # noqa: E402
 
@@ -27,6 +27,9 @@ CUDA_OPTS = [opt if opt != "cpu" else "cuda" for opt in TINY_OPTS] + [
     "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "128", "MODEL.ROI_HEADS.NUM_CLASSES", "3",
     "MODEL.RPN.POST_NMS_TOPK_TRAIN", "64", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32"]
 FEATURE_RTOL = {"bf16": 0.03, "fp16": 0.01}
+# Below compute capability 8.0 torch emulates bf16 and cuDNN has no bf16 convolutions; gn-det's tools run fp32.
+NATIVE_BF16 = missing_bf16_kernels(torch.device("cuda")) is None
+needs_native_bf16 = pytest.mark.skipif(not NATIVE_BF16, reason="this GPU has no bf16 tensor cores")
 
 
 def cuda_cfg(*opts):
@@ -62,11 +65,19 @@ def test_fp16_training_step_through_amp_trainer():
     one_training_step(AMPTrainer, "MODEL.PRECISION", "fp16", "SOLVER.AMP.ENABLED", "True")
 
 
+def test_bf16_runs_in_fp32_only_where_this_gpu_lacks_bf16_tensor_cores():
+    cfg = cuda_cfg("MODEL.PRECISION", "bf16")
+    lines = adapt_to_this_machine(cfg)
+    expected = ("cuda", "bf16", 0) if NATIVE_BF16 else ("cuda", "fp32", 1)
+    assert (cfg.MODEL.DEVICE, cfg.MODEL.PRECISION, len(lines)) == expected
+
+
+@needs_native_bf16
 def test_bf16_training_step():
     one_training_step(SimpleTrainer, "MODEL.PRECISION", "bf16", "MODEL.CHANNELS_LAST", "True")
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("precision", [pytest.param("bf16", marks=needs_native_bf16), "fp16"])
 def test_low_precision_inference_matches_fp32(precision):
     reference = build().eval()
     model = build("MODEL.PRECISION", precision).eval()
@@ -96,6 +107,7 @@ def test_channels_last_on_cuda():
     assert seen == [True]
 
 
+@needs_native_bf16
 def test_no_cpu_piece_computes_on_cuda(monkeypatch):
     """A model with every speed key on, on CUDA (built there, or built on CPU and moved), runs detectron2's
     pooler gather, torchvision's ROIAlign, detectron2's box inference, unchunked heads and out-of-place ReLUs."""

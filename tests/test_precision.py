@@ -161,6 +161,27 @@ def test_fp16_on_cpu_is_a_one_line_error():
     assert "\n" not in str(error.value)
 
 
+def test_which_devices_compute_bf16_natively(monkeypatch):
+    """The CPU by oneDNN's kernels; NVIDIA GPUs from compute capability 8.0 (below it, no bf16 tensor cores and no
+    cuDNN bf16 convolutions); ROCm GPUs always, as torch counts them."""
+    import gn_det.config
+    from gn_det.config import missing_bf16_kernels
+
+    for native in (True, False):
+        monkeypatch.setattr(gn_det.config, "cpu_has_bf16_kernels", lambda: native)
+        assert (missing_bf16_kernels(torch.device("cpu")) is None) is native
+    asked = []
+    for capability, missing in (((6, 1), True), ((7, 5), True), ((8, 0), False), ((8, 9), False), ((9, 0), False)):
+        monkeypatch.setattr(gn_det.config, "gpu_compute_capability", lambda index: asked.append(index) or capability)
+        line = missing_bf16_kernels(torch.device("cuda", 1))
+        assert (line == "No bf16 tensor cores on this GPU (compute capability %d.%d; bf16 needs 8.0 or newer)"
+                % capability) if missing else line is None
+    assert set(asked) == {1}  # the GPU the model is on
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert missing_bf16_kernels(torch.device("cuda", 0)) is None
+    assert missing_bf16_kernels(torch.device("meta")) is None
+
+
 def test_unknown_precision_is_an_error_naming_the_key():
     with pytest.raises(ValueError, match=r"MODEL.PRECISION='float16' is not a precision; choose one of") as error:
         build("MODEL.PRECISION", "float16")
@@ -185,8 +206,8 @@ def test_default_predictor_gets_the_switches(monkeypatch):
     monkeypatch.setattr(gn_det.config, "cpu_has_bf16_kernels", lambda: False)
     predictor(image)
     predictor(image)
-    assert warnings == ["precision='bf16' on a CPU without oneDNN bf16 kernels (x86: AVX512 or newer): torch emulates "
-                        "bf16, several times slower than 'fp32' (docs/SPEED.md)"]
+    assert warnings == ["No oneDNN bf16 kernels for this CPU (x86: AVX512 or newer): precision='bf16' is emulated by "
+                        "torch, slower than 'fp32' (docs/SPEED.md)"]
     assert stem == [(torch.bfloat16, True)] * 3
     assert result["instances"].image_size == (96, 128)
     assert_float_fields(result["instances"])

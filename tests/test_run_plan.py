@@ -27,6 +27,7 @@ SETTINGS = {
              ["model._target_=gn_det.modeling.meta_arch.GNGeneralizedRCNN", "model.precision=fp16"]),
     "bf16": (["MODEL.PRECISION", "bf16"],
              ["model._target_=gn_det.modeling.meta_arch.GNGeneralizedRCNN", "model.precision=bf16"]),
+    "cuda": (["MODEL.DEVICE", "cuda"], ["train.device=cuda"]),
     "batch3": (["SOLVER.IMS_PER_BATCH", "3"], ["dataloader.train.total_batch_size=3"]),
     "syncbn": (["MODEL.FPN.NORM", "SyncBN"], ["model.backbone.norm=SyncBN"]),
     "groups48": (["MODEL.GN.NUM_GROUPS", "48"], ["model.backbone.norm.num_groups=48"]),
@@ -126,7 +127,31 @@ def test_bf16_on_a_cpu_without_bf16_kernels_runs_in_fp32_with_one_logged_line(sy
         assert saved == precision
         lines = [line for line in plan.settings.adjustments if "bf16" in line]
         assert lines == ([] if native else [f"No oneDNN bf16 kernels for this CPU (x86: AVX512 or newer): {key}='bf16' "
-                                            "runs in 'fp32' (emulated bf16 would be several times slower)"])
+                                            "runs in 'fp32' (emulated bf16 would be slower)"])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("system", SYSTEMS)
+def test_bf16_on_a_gpu_without_bf16_tensor_cores_runs_in_fp32_with_one_logged_line(system, dataset, tmp_path,
+                                                                                    monkeypatch):
+    """A GPU below compute capability 8.0 (V100, T4) gets the CPU's rule. Without a GPU here, torch is told there
+    is one of each capability; the config is loaded, not built."""
+    import gn_det.config
+    from gn_det.engine.lazy_train import load_lazy_run_config
+    from gn_det.engine.run import load_yaml_config
+
+    load = load_yaml_config if system == "yaml" else load_lazy_run_config
+    key = "MODEL.PRECISION" if system == "yaml" else "model.precision"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    for capability, precision in (((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "fp32")):
+        monkeypatch.setattr(gn_det.config, "gpu_compute_capability", lambda index: capability)
+        cfg, settings = load(args_for(system, dataset, tmp_path / "out", "bf16", "cuda"))
+        assert (cfg.MODEL.PRECISION if system == "yaml" else cfg.model.precision) == precision
+        assert settings.device == "cuda"
+        assert settings.adjustments == ([] if precision == "bf16" else [
+            f"No bf16 tensor cores on this GPU (compute capability 7.5; bf16 needs 8.0 or newer): {key}='bf16' runs "
+            "in 'fp32' (emulated bf16 would be slower)"])
     assert not (tmp_path / "out").exists()
 
 

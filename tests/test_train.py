@@ -152,8 +152,8 @@ def test_cuda_falls_back_to_cpu_only_without_a_cuda_device(monkeypatch):
     gn = ["MODEL.META_ARCHITECTURE", "GNGeneralizedRCNN", "MODEL.PRECISION", "bf16"]
     cfg = get_gn_cfg(opts=gn + ["MODEL.DEVICE", "cuda"])
     lines = adapt_to_this_machine(cfg)
-    if torch.cuda.is_available():
-        assert (lines, cfg.MODEL.DEVICE, cfg.MODEL.PRECISION) == ([], "cuda", "bf16")
+    if torch.cuda.is_available():  # bf16 stays where the GPU has bf16 tensor cores (test_cuda.py)
+        assert cfg.MODEL.DEVICE == "cuda" and len(lines) == (cfg.MODEL.PRECISION == "fp32")
     else:
         assert [line.split(":")[0] for line in lines] == ["No CUDA device", "No oneDNN bf16 kernels for this CPU (x86"]
         assert (cfg.MODEL.DEVICE, cfg.MODEL.PRECISION) == ("cpu", "fp32")

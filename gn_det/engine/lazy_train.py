@@ -61,8 +61,8 @@ def predicts_masks(cfg):
 
 def load_lazy_run_config(args):
     """The LazyConfig of ``args`` (``--config-file``, ``--dataset``, ``KEY=VALUE`` overrides) and its
-    :class:`~gn_det.engine.run.RunSettings`; CUDA named where there is none becomes the CPU, and bf16 on a CPU
-    without oneDNN bf16 kernels fp32 (:func:`~gn_det.config.adapt_to_this_machine`)."""
+    :class:`~gn_det.engine.run.RunSettings`; CUDA named where there is none becomes the CPU, and bf16 on a
+    device without bf16 kernels fp32 (:func:`~gn_det.config.adapt_to_this_machine`)."""
     register_datasets(args.dataset)
     source = args.config_file
     cfg = load_lazy_config(source, args.opts)

@@ -73,7 +73,7 @@ def yaml_settings(cfg, source):
 
 def load_yaml_config(args):
     """The checked gn-det config of ``args`` (``--config-file``, ``--dataset``, trailing overrides) and its
-    settings; CUDA named where there is none becomes the CPU, and bf16 on a CPU without oneDNN bf16 kernels fp32
+    settings; CUDA named where there is none becomes the CPU, and bf16 on a device without bf16 kernels fp32
     (:func:`~gn_det.config.adapt_to_this_machine`)."""
     cfg = get_gn_cfg(args.config_file, args.opts)
     # what the command line registered goes into the config too, so the dumped config.yaml is complete

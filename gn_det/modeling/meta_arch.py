@@ -91,14 +91,15 @@ class PrecisionLayoutMixin:
         check_precision(self.precision, self.device.type)
         if self.precision == "fp32":
             return contextlib.nullcontext()
-        if (self.precision == "bf16" and self.device.type == "cpu" and not self.warned_of_emulated_bf16
-                and not (torch.jit.is_tracing() or torch.compiler.is_compiling())  # an export records no check
-                and not gn_det.config.cpu_has_bf16_kernels()):
-            # gn-det's tools run such a config in fp32 (gn_det.config.adapt_to_this_machine); a model built by the
-            # user's own code (DefaultPredictor, instantiate) computes as asked, and says what that costs
-            logger.warning("precision='bf16' on a CPU without oneDNN bf16 kernels (x86: AVX512 or newer): torch "
-                           "emulates bf16, several times slower than 'fp32' (docs/SPEED.md)")
-            self.warned_of_emulated_bf16 = True
+        if (self.precision == "bf16" and not self.warned_of_emulated_bf16
+                and not (torch.jit.is_tracing() or torch.compiler.is_compiling())):  # an export records no check
+            missing = gn_det.config.missing_bf16_kernels(self.device)
+            if missing:
+                # gn-det's tools run such a config in fp32 (gn_det.config.adapt_to_this_machine); a model built by
+                # the user's own code (DefaultPredictor, instantiate) computes as asked, and says what that costs
+                logger.warning(f"{missing}: precision='bf16' is emulated by torch, slower than 'fp32' "
+                               "(docs/SPEED.md)")
+                self.warned_of_emulated_bf16 = True
         return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.precision])
 
     def forward(self, batched_inputs):
