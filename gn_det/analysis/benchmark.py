@@ -472,7 +472,6 @@ def markdown_table(report, clock="wall"):
     return tabulate(rows, headers=headers, tablefmt="pipe", floatfmt=".3f")
 
 
-
 FILE_KINDS = {"openvino": "OpenVINO IR", "openvino-int8": "int8 OpenVINO IR"}  # the --format names, as tables say them
 
 
@@ -497,6 +496,7 @@ def export_protocol_table(report, clock="wall"):
                      r["infer_peak_mib"]])
     return tabulate(rows, headers=["variant", "runs as", f"infer {unit}/img", "x base", "x best d2",
                                    "peak MiB (infer)"], tablefmt="pipe", floatfmt=".3f")
+
 
 if __name__ == "__main__":
     # Child process of measure_in_subprocess: --measure NAME RESULT_PATH, then the tool's own arguments.
