@@ -1,5 +1,6 @@
 """The package's shape, read from its source: no import cycle (late imports included), the plugin never imports
-the experiment kit (gn_det.analysis), and nothing assigns to an attribute of a detectron2 module."""
+the experiment kit (gn_det.analysis), and nothing rebinds an attribute of a detectron2 module (assignment,
+setattr, mock.patch)."""
 import ast
 import os
 
@@ -70,7 +71,28 @@ def test_the_plugin_never_imports_the_experiment_kit():
             assert not any(t.startswith(KIT) for t in targets), (name, sorted(targets))
 
 
-def test_nothing_assigns_to_a_detectron2_attribute():
+def rebinds(node, d2_names):
+    """(object, attribute) when ``node`` rebinds an attribute of a detectron2 module or object: an assignment
+    (``d2.attr = ...``, augmented or annotated), ``setattr(d2, ...)``, ``mock.patch.object(d2, ...)`` or
+    ``mock.patch("detectron2...")``; else None."""
+    targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+        node, (ast.AugAssign, ast.AnnAssign)) else []
+    for target in targets:
+        if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) and target.value.id in d2_names:
+            return target.value.id, target.attr
+    if not isinstance(node, ast.Call) or not node.args:
+        return None
+    callee = ast.unparse(node.func)
+    first = node.args[0]
+    if (callee == "setattr" or callee.endswith("patch.object")) and isinstance(first, ast.Name) \
+            and first.id in d2_names:
+        return first.id, ast.unparse(node.args[1]) if len(node.args) > 1 else "?"
+    if callee.endswith("patch") and isinstance(first, ast.Constant) and str(first.value).startswith("detectron2"):
+        return tuple(str(first.value).rsplit(".", 1))
+    return None
+
+
+def test_nothing_rebinds_a_detectron2_attribute():
     for name, (tree, _is_package) in modules().items():
         d2_names = set()
         for node in ast.walk(tree):
@@ -79,8 +101,18 @@ def test_nothing_assigns_to_a_detectron2_attribute():
             elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("detectron2"):
                 d2_names.update(a.asname or a.name for a in node.names)
         for node in ast.walk(tree):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
-                node, (ast.AugAssign, ast.AnnAssign)) else []
-            for target in targets:
-                if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name):
-                    assert target.value.id not in d2_names, (name, target.value.id, target.attr, node.lineno)
+            assert rebinds(node, d2_names) is None, (name, rebinds(node, d2_names), node.lineno)
+
+
+def test_the_rebinding_check_sees_each_form():
+    def node(source):
+        statement = ast.parse(source).body[0]
+        return statement.value if isinstance(statement, ast.Expr) else statement
+
+    d2 = {"defaults", "comm"}
+    for source in ("defaults.create_ddp_model = f", "comm.x += 1", "defaults.y: int = 2",
+                   "setattr(defaults, 'create_ddp_model', f)", "mock.patch.object(defaults, 'create_ddp_model', f)",
+                   "patch.object(comm, 'get_world_size', f)", "mock.patch('detectron2.engine.defaults.launch')"):
+        assert rebinds(node(source), d2) is not None, source
+    for source in ("other.attr = 1", "setattr(self, 'x', 1)", "mock.patch.object(gn_det, 'x', f)", "f(defaults)"):
+        assert rebinds(node(source), d2) is None, source

@@ -22,7 +22,6 @@ start-up differs. The end of the first iteration is taken by a first hook of a s
 This module is experiment code: nothing in gn-det's plugin imports it.
 """
 import argparse
-import contextlib
 import json
 import os
 import resource
@@ -172,14 +171,12 @@ def timed(trainer_class):
 def stock_main(args):
     """detectron2's tools/train_net.py, with the dataset registered by ``register_coco_instances``: in every
     process of ``launch``."""
-    import functools
-    from unittest import mock
-
     from detectron2.config import get_cfg
     from detectron2.data.datasets import register_coco_instances
     from detectron2.engine import DefaultTrainer, default_setup
-    from detectron2.engine import defaults as d2_defaults
     from detectron2.utils import comm
+
+    from gn_det.engine.trainer import AnyDeviceTrainer
 
     name, paths = args.dataset[0].split("=")
     json_file, image_dir = paths.split(",")
@@ -189,12 +186,10 @@ def stock_main(args):
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     default_setup(cfg, args)
-    ddp = mock.patch.object(d2_defaults, "create_ddp_model", functools.partial(d2_defaults.create_ddp_model,
-                                                                             device_ids=None))
-    # Stock detectron2 cannot wrap a CPU model in DDP (create_ddp_model passes device_ids): for the comparison,
-    # the stock side gets device_ids=None while its trainer is built, nothing else (gn-det's GNTrainer passes it).
-    with ddp if comm.get_world_size() > 1 and cfg.MODEL.DEVICE == "cpu" else contextlib.nullcontext():
-        trainer = timed(DefaultTrainer)(cfg)
+    # Stock DefaultTrainer cannot wrap a CPU model in DDP (create_ddp_model passes device_ids): with several CPU
+    # processes the stock side runs AnyDeviceTrainer, DefaultTrainer but for that one argument.
+    several_cpu_processes = comm.get_world_size() > 1 and cfg.MODEL.DEVICE == "cpu"
+    trainer = timed(AnyDeviceTrainer if several_cpu_processes else DefaultTrainer)(cfg)
     trainer.resume_or_load(resume=False)
     return trainer.train()
 

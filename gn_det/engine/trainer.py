@@ -8,6 +8,7 @@ import weakref
 
 import torch
 
+from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase, SimpleTrainer, create_ddp_model
 from detectron2.engine.train_loop import TrainerBase
@@ -103,7 +104,38 @@ def training_errors_in_one_line(trainer, output_dir, remedy):
         train_loop_logger.removeFilter(log_input_errors_in_one_line)
 
 
-class GNTrainer(DefaultTrainer):
+class AnyDeviceTrainer(DefaultTrainer):
+    """detectron2's DefaultTrainer, also on several CPU processes, and for a model built before the trainer.
+
+    ``__init__`` follows ``DefaultTrainer.__init__`` (detectron2/engine/defaults.py), which has no seam for either:
+    it always builds the model itself, and gives ``create_ddp_model`` no ``device_ids``, so that it passes
+    ``[local_rank]``, which torch's DistributedDataParallel rejects for a CPU model. Here ``model`` may be given,
+    and ``create_ddp_model`` gets :func:`ddp_device_arguments`. The checkpointer comes from
+    :meth:`build_checkpointer`. Nothing else differs.
+    """
+
+    def __init__(self, cfg, model=None):
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):  # setup_logger is not called for d2
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg) if model is None else model
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model(model, broadcast_buffers=False, **ddp_device_arguments(cfg.MODEL.DEVICE))
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = self.build_checkpointer(model, cfg.OUTPUT_DIR)
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    def build_checkpointer(self, model, output_dir):
+        return DetectionCheckpointer(model, output_dir, trainer=weakref.proxy(self))
+
+
+class GNTrainer(AnyDeviceTrainer):
     """DefaultTrainer with SGD groups logged as a table (γ/β decay ``SOLVER.WEIGHT_DECAY_NORM``),
     ``COCOEvaluator`` for box and mask AP, and ``OUTPUT_DIR/results.json`` after each evaluation.
 
@@ -115,34 +147,21 @@ class GNTrainer(DefaultTrainer):
 
     def __init__(self, cfg, model=None, preloaded=None):
         """``model``: the model the run's set-up built and checked (built here when None); ``preloaded``: the
-        weights file the set-up already read, ``{local path: its content}`` (:class:`GNCheckpointer`).
-
-        The body follows ``DefaultTrainer.__init__`` (detectron2/engine/defaults.py), which always builds the
-        model itself and gives ``create_ddp_model`` no ``device_ids``; here a CPU model gets
-        :func:`ddp_device_arguments`, and the checkpointer is gn-det's (nothing in a weights file runs).
-        """
-        TrainerBase.__init__(self)
-        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):  # setup_logger is not called for d2
-            setup_logger()
-        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        weights file the set-up already read, ``{local path: its content}`` (:class:`GNCheckpointer`, which runs
+        nothing in a weights file)."""
         if cfg.MODEL.PRECISION == "fp16" and not cfg.SOLVER.AMP.ENABLED:
             # fp16 trains with a gradient scaler: detectron2's AMPTrainer, which SOLVER.AMP.ENABLED selects
             cfg = cfg.clone()
             cfg.defrost()
             cfg.SOLVER.AMP.ENABLED = True
             cfg.freeze()
-        model = self.build_model(cfg) if model is None else model
-        optimizer = self.build_optimizer(cfg, model)
-        data_loader = self.build_train_loader(cfg)
-        model = create_ddp_model(model, broadcast_buffers=False, **ddp_device_arguments(cfg.MODEL.DEVICE))
-        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
-        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = GNCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self),
-                                           preloaded=preloaded)
-        self.start_iter = 0
-        self.max_iter = cfg.SOLVER.MAX_ITER
-        self.cfg = cfg
-        self.register_hooks(self.build_hooks())
+        self._preloaded = preloaded
+        super().__init__(cfg, model)
+
+    def build_checkpointer(self, model, output_dir):
+        checkpointer = GNCheckpointer(model, output_dir, trainer=weakref.proxy(self), preloaded=self._preloaded)
+        self._preloaded = None  # the checkpointer holds the content until it loads it
+        return checkpointer
 
     def build_writers(self):
         return gn_writers(self.cfg.OUTPUT_DIR, self.max_iter)
